@@ -1,0 +1,202 @@
+"""The ``autopause`` command line (twin: ``python -m consumer``).
+
+Every flag has an environment twin, shown in ``--help``; flags win over the
+environment. Errors are one line on stderr and a non-zero exit code: 2 for a
+setting or argument that cannot work, 1 for a service that is not there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Coroutine
+from enum import StrEnum
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from consumer.errors import AutopauseError, ConfigError
+from consumer.settings import Settings, env_name, load_settings
+
+T = TypeVar("T")
+
+app = typer.Typer(
+    help="autopause: pauses idle E2B sandboxes, never one in use.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def opt(field: str, help_text: str | None = None, **extra: Any) -> Any:
+    """A typer option bound to a setting: its environment twin and its help come from Settings."""
+    info = Settings.model_fields[field]
+    return typer.Option(
+        envvar=env_name(field),
+        show_envvar=True,
+        help=help_text or info.description,
+        show_default=False,
+        **extra,
+    )
+
+
+def settings_from(ctx: typer.Context, **overrides: Any) -> Settings:
+    """Settings from the environment, the global options and this command's options."""
+    merged = dict(ctx.obj or {})
+    merged.update(overrides)
+    return load_settings(**merged)
+
+
+def run_async(work: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine; an autopause error becomes one line and an exit code."""
+    try:
+        return asyncio.run(work)
+    except ConfigError as exc:
+        typer.echo(f"autopause: {exc}", err=True)
+        raise typer.Exit(2) from None
+    except AutopauseError as exc:
+        typer.echo(f"autopause: {exc}", err=True)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+
+
+def settings_or_exit(ctx: typer.Context, **overrides: Any) -> Settings:
+    try:
+        settings = settings_from(ctx, **overrides)
+    except ConfigError as exc:
+        typer.echo(f"autopause: {exc}", err=True)
+        raise typer.Exit(2) from None
+    from consumer import logs
+
+    logs.configure(settings)
+    return settings
+
+
+@app.callback()
+def global_options(
+    ctx: typer.Context,
+    amqp_url: Annotated[str | None, opt("amqp_url")] = None,
+    database_url: Annotated[str | None, opt("database_url")] = None,
+    database_schema: Annotated[str | None, opt("database_schema")] = None,
+    topology_prefix: Annotated[str | None, opt("topology_prefix")] = None,
+    log_format: Annotated[str | None, opt("log_format")] = None,
+    log_level: Annotated[str | None, opt("log_level")] = None,
+) -> None:
+    """autopause: pauses idle E2B sandboxes, never one in use.
+
+    Start with `autopause demo` (no E2B account needed), or run the service
+    with `autopause run` against your RabbitMQ and PostgreSQL.
+    """
+    ctx.obj = {
+        "amqp_url": amqp_url,
+        "database_url": database_url,
+        "database_schema": database_schema,
+        "topology_prefix": topology_prefix,
+        "log_format": log_format,
+        "log_level": log_level,
+    }
+
+
+class Role(StrEnum):
+    ALL = "all"
+    INGEST = "ingest"
+    SCHEDULER = "scheduler"
+    WORKER = "worker"
+
+
+@app.command()
+def run(
+    ctx: typer.Context,
+    role: Annotated[Role, typer.Argument(help="which role this process plays")] = Role.ALL,
+    burst: Annotated[bool, typer.Option("--burst", help="ingest/worker: drain the queue, then exit 0")] = False,
+    once: Annotated[bool, typer.Option("--once", help="scheduler: one tick, then exit")] = False,
+    emulator: Annotated[bool | None, opt("emulator", "worker: pause through the built-in E2B emulator")] = None,
+    dry_run: Annotated[bool | None, opt("dry_run")] = None,
+    auto_pause_enabled: Annotated[bool | None, opt("auto_pause_enabled")] = None,
+    tick_cron: Annotated[str | None, opt("tick_cron")] = None,
+    default_idle_timeout: Annotated[float | None, opt("default_idle_timeout")] = None,
+    batch_size: Annotated[int | None, opt("batch_size")] = None,
+    flush_interval: Annotated[float | None, opt("flush_interval")] = None,
+    prefetch: Annotated[int | None, opt("prefetch")] = None,
+    worker_concurrency: Annotated[int | None, opt("worker_concurrency")] = None,
+    worker_replicas: Annotated[int | None, opt("worker_replicas")] = None,
+    e2b_rate_limit: Annotated[float | None, opt("e2b_rate_limit")] = None,
+    e2b_api_url: Annotated[str | None, opt("e2b_api_url")] = None,
+    pause_mode: Annotated[str | None, opt("pause_mode")] = None,
+    metrics_port: Annotated[int | None, opt("metrics_port")] = None,
+) -> None:
+    """Run a role (ingest, scheduler, worker) or all of them in one process."""
+    settings = settings_or_exit(
+        ctx,
+        emulator=emulator,
+        dry_run=dry_run,
+        auto_pause_enabled=auto_pause_enabled,
+        tick_cron=tick_cron,
+        default_idle_timeout=default_idle_timeout,
+        batch_size=batch_size,
+        flush_interval=flush_interval,
+        prefetch=prefetch,
+        worker_concurrency=worker_concurrency,
+        worker_replicas=worker_replicas,
+        e2b_rate_limit=e2b_rate_limit,
+        e2b_api_url=e2b_api_url,
+        pause_mode=pause_mode,
+        metrics_port=metrics_port,
+    )
+    from consumer import runner
+
+    roles = set(runner.ROLES) if role is Role.ALL else {role.value}
+    code = run_async(runner.run(settings, roles, burst=burst, once=once))
+    raise typer.Exit(code)
+
+
+@app.command()
+def migrate(ctx: typer.Context) -> None:
+    """Apply pending database migrations (safe to run from several replicas at once)."""
+    settings = settings_or_exit(ctx)
+
+    async def work() -> list[int]:
+        from consumer.store import Store
+
+        store = await Store.connect(settings.database_url.get_secret_value(), settings.database_schema)
+        try:
+            return await store.migrate()
+        finally:
+            await store.close()
+
+    applied = run_async(work())
+    typer.echo(f"applied migrations: {', '.join(map(str, applied))}" if applied else "database is up to date")
+
+
+@app.command()
+def emulator(
+    ctx: typer.Context,
+    host: Annotated[str, typer.Option(envvar="AUTOPAUSE_EMULATOR_HOST", show_envvar=True, help="address to bind")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(envvar="AUTOPAUSE_EMULATOR_PORT", show_envvar=True, help="port to bind")] = 3000,
+    latency: Annotated[float, typer.Option(envvar="AUTOPAUSE_EMULATOR_LATENCY", show_envvar=True, help="seconds added to each answer")] = 0.0,
+    error_rate: Annotated[float, typer.Option(envvar="AUTOPAUSE_EMULATOR_ERROR_RATE", show_envvar=True, help="share of calls answered 5xx")] = 0.0,
+    timeout_rate: Annotated[float, typer.Option(envvar="AUTOPAUSE_EMULATOR_TIMEOUT_RATE", show_envvar=True, help="share of calls that hang")] = 0.0,
+    rate_limit: Annotated[float, typer.Option(envvar="AUTOPAUSE_EMULATOR_RATE_LIMIT", show_envvar=True, help="requests/s above which calls get 429 (0: off)")] = 0.0,
+    strict: Annotated[bool, typer.Option("--strict/--auto-create", envvar="AUTOPAUSE_EMULATOR_STRICT", show_envvar=True, help="unknown sandbox ids answer 404, or are created running")] = False,
+) -> None:
+    """Serve the E2B API emulator (for demos and tests; point AUTOPAUSE_E2B_API_URL at it)."""
+    settings_or_exit(ctx)
+    from consumer.emulator import Faults, serve
+
+    faults = Faults(latency=latency, error_rate=error_rate, timeout_rate=timeout_rate, rate_limit=rate_limit)
+    try:
+        run_async(serve(host, port, faults, auto_create=not strict))
+    except OSError as exc:
+        typer.echo(f"autopause: cannot serve on {host}:{port}: {exc.strerror}", err=True)
+        raise typer.Exit(1) from None
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except AutopauseError as exc:  # pragma: no cover - commands catch their own
+        print(f"autopause: {exc}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,282 @@
+"""The ingest role: sandbox events from RabbitMQ into the session table.
+
+Messages are parsed at the edge (size, JSON, contract) as they arrive, then
+collected into a batch closed by size or by time. A batch is one Postgres
+transaction (events coalesced per sandbox, the state machine applied), then
+its invalid messages are dead-lettered with their reason and the whole batch
+is acked with one multiple-ack. Nothing is acked before its commit, so a
+crash anywhere means redelivery, never loss; the rules are idempotent, so
+redelivery is harmless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from aio_pika.exceptions import AMQPError
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
+from pydantic import ValidationError
+
+from consumer import metrics
+from consumer.broker import (
+    DETAIL_HEADER,
+    REASON_HEADER,
+    ROUTING_KEY_HEADER,
+    UNAVAILABLE,
+    Names,
+    connection_name,
+    declare_topology,
+    message,
+    publish_all,
+    queue_depth,
+)
+from consumer.errors import StoreUnavailable
+from consumer.health import Health
+from consumer.settings import Settings
+from consumer.state import Event, apply, coalesce
+from consumer.store import Store
+from schemas import EVENT_ADAPTER
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """A message that cannot be applied, and why."""
+
+    reason: str
+    detail: str
+
+
+def parse(body: bytes, *, limit: int, context: dict[str, Any]) -> Event | Rejected:
+    """bytes -> contract model, or the reason it is not one. Pure."""
+    if len(body) > limit:
+        return Rejected("too_large", f"{len(body)} bytes > {limit}")
+    try:
+        return EVENT_ADAPTER.validate_json(body, context=context)
+    except ValidationError as exc:
+        return _rejection(exc)
+
+
+def _rejection(exc: ValidationError) -> Rejected:
+    first = exc.errors(include_url=False, include_input=False)[0]
+    kind = first["type"]
+    reason = {
+        "json_invalid": "invalid_json",
+        "json_type": "invalid_json",
+        "union_tag_invalid": "unknown_type",
+        "union_tag_not_found": "missing_type",
+        "model_type": "not_an_object",
+        "dict_type": "not_an_object",
+    }.get(kind, "invalid_event")
+    where = ".".join(str(p) for p in first["loc"][1:]) or "body"
+    detail = f"{where}: {first['msg']}"
+    if exc.error_count() > 1:
+        detail += f" (+{exc.error_count() - 1} more)"
+    return Rejected(reason, detail[:500])
+
+
+@dataclass
+class Batch:
+    messages: list[AbstractIncomingMessage] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    rejected: list[tuple[AbstractIncomingMessage, Rejected]] = field(default_factory=list)
+    opened: float = 0.0
+
+    def __len__(self) -> int:
+        return len(self.messages)
+
+
+class Ingest:
+    """One ingest consumer: ``run()`` until ``stop`` is set (or, in burst mode, the queue is empty)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        connection: AbstractRobustConnection,
+        health: Health,
+        *,
+        burst: bool = False,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.connection = connection
+        self.health = health
+        self.burst = burst
+        self.names = Names(settings.topology_prefix)
+        self.batch = Batch()
+        self.arrived = asyncio.Event()  # the batch got its first message
+        self.full = asyncio.Event()  # the batch reached batch_size
+        self.last_delivery = time.monotonic()
+        self.default_timeout = timedelta(seconds=settings.default_idle_timeout)
+        self.skew = timedelta(seconds=settings.clock_skew)
+
+    def _on_message(self, msg: AbstractIncomingMessage) -> None:
+        context = {"now": datetime.now(UTC), "clock_skew": self.skew}
+        parsed = parse(msg.body, limit=self.settings.max_message_bytes, context=context)
+        batch = self.batch
+        if not batch.messages:
+            batch.opened = time.monotonic()
+        batch.messages.append(msg)
+        if isinstance(parsed, Rejected):
+            batch.rejected.append((msg, parsed))
+        else:
+            batch.events.append(parsed)
+        self.last_delivery = time.monotonic()
+        if len(batch) == 1:
+            self.arrived.set()
+        if len(batch) >= self.settings.batch_size:
+            self.full.set()
+
+    async def _consume(self, msg: AbstractIncomingMessage) -> None:
+        self._on_message(msg)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        channel = await self.connection.channel(publisher_confirms=True)
+        await declare_topology(channel, self.settings)
+        await channel.set_qos(prefetch_count=self.settings.prefetch)
+        queue = await channel.get_queue(self.names.events_queue)
+        dlx = await channel.get_exchange(self.names.dead_letter_exchange)
+        tag = await queue.consume(self._consume, consumer_tag=self._consumer_tag())
+        self.health.set("consuming", True)
+        log.info("ingest consuming", extra={"action": "ingest.start", "queue": self.names.events_queue})
+        try:
+            await self._loop(stop, channel, dlx)
+        finally:
+            self.health.set("consuming", False)
+            if not channel.is_closed:
+                await queue.cancel(tag)
+                # deliveries that raced the cancel are in the batch: finish them
+                if len(self.batch):
+                    await self._flush(channel, dlx, stop=None)
+                await channel.close()
+            log.info("ingest stopped", extra={"action": "ingest.stop"})
+
+    def _consumer_tag(self) -> str:
+        return f"{connection_name('ingest').replace(' ', '-')}-{id(self):x}"
+
+    async def _loop(self, stop: asyncio.Event, channel: AbstractChannel, dlx: Any) -> None:
+        interval = self.settings.flush_interval
+        while not stop.is_set():
+            if not len(self.batch):
+                if self.burst and await self._drained():
+                    return
+                self.arrived.clear()
+                await _wait_any(stop, self.arrived, timeout=interval)
+                continue
+            remaining = self.batch.opened + interval - time.monotonic()
+            if len(self.batch) < self.settings.batch_size and remaining > 0:
+                self.full.clear()
+                await _wait_any(stop, self.full, timeout=remaining)
+                continue
+            await self._flush(channel, dlx, stop=stop)
+
+    async def _drained(self) -> bool:
+        if time.monotonic() - self.last_delivery < self.settings.flush_interval:
+            return False
+        ready, _ = await queue_depth(self.connection, self.names.events_queue)
+        return ready == 0
+
+    async def _flush(self, channel: AbstractChannel, dlx: Any, stop: asyncio.Event | None) -> None:
+        """Write the batch, dead-letter its invalid messages, ack it. Retries while Postgres is down."""
+        batch, self.batch = self.batch, Batch()
+        started = time.perf_counter()
+        if batch.events:
+            committed = await self._apply(batch.events, stop)
+            if not committed:
+                return  # shutting down with Postgres away: the broker redelivers the batch
+        if batch.rejected:
+            try:
+                await publish_all(dlx, (("events", _dead_letter(m, r)) for m, r in batch.rejected))
+            except (*UNAVAILABLE, AMQPError) as exc:
+                # unacked, the batch comes back after the reconnect; its events are idempotent
+                log.error("dead-letter failed", extra={"action": "ingest.dlx_failed", "error": str(exc)})
+                return
+            for _, rejected in batch.rejected:
+                metrics.EVENTS_REJECTED.labels(rejected.reason).inc()
+                log.warning(
+                    "event rejected",
+                    extra={"action": "ingest.reject", "reason": rejected.reason, "detail": rejected.detail},
+                )
+        await _ack(batch.messages)
+        metrics.BATCH_SIZE.observe(len(batch))
+        metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
+
+    async def _apply(self, events: list[Event], stop: asyncio.Event | None) -> bool:
+        deltas = coalesce(events)
+        delay = 0.2
+        while True:
+            try:
+                outcome = await self.store.apply_batch(
+                    deltas, lambda row, delta: apply(row, delta, self.default_timeout)
+                )
+                break
+            except StoreUnavailable as exc:
+                metrics.STORE_ERRORS.labels("ingest").inc()
+                self.health.set("database", False)
+                log.error(
+                    "database unavailable, batch held",
+                    extra={"action": "ingest.store_down", "error": str(exc), "retry_in": delay},
+                )
+                if stop is None or await _wait_any(stop, timeout=delay):
+                    return False
+                delay = min(delay * 2, 10.0)
+        self.health.set("database", True)
+        now = datetime.now(UTC)
+        counts: dict[str, int] = defaultdict(int)
+        for event in events:
+            counts[event.type] += 1
+            metrics.INGEST_LAG.observe((now - event.occurred_at).total_seconds())
+        for event_type, n in counts.items():
+            metrics.EVENTS_INGESTED.labels(event_type).inc(n)
+        for t in outcome.transitions:
+            metrics.TRANSITIONS.labels("ingest", t.to_state.value, t.reason).inc()
+        if outcome.stale_events:
+            metrics.EVENTS_STALE.inc(outcome.stale_events)
+        return True
+
+
+def _dead_letter(msg: AbstractIncomingMessage, rejected: Rejected) -> Any:
+    headers = dict(msg.headers or {})
+    headers[REASON_HEADER] = rejected.reason
+    headers[DETAIL_HEADER] = rejected.detail
+    headers[ROUTING_KEY_HEADER] = msg.routing_key or ""
+    return message(msg.body, message_id=msg.message_id, headers=headers)
+
+
+async def _ack(messages: list[AbstractIncomingMessage]) -> None:
+    """One multiple-ack per channel, of its highest delivery tag.
+
+    After a reconnect a batch may hold deliveries of the old channel; those
+    cannot be acked (the broker redelivers them) and must not block the others.
+    """
+    highest: dict[int, AbstractIncomingMessage] = {}
+    for msg in messages:
+        key = id(msg.channel)
+        if key not in highest or (msg.delivery_tag or 0) > (highest[key].delivery_tag or 0):
+            highest[key] = msg
+    for msg in highest.values():
+        try:
+            await msg.ack(multiple=True)
+        except (*UNAVAILABLE, AMQPError) as exc:
+            log.warning("ack lost with its channel", extra={"action": "ingest.ack_lost", "error": str(exc)})
+
+
+async def _wait_any(*events: asyncio.Event, timeout: float) -> bool:
+    """Wait until one of ``events`` is set or ``timeout`` passes; True if one is set."""
+    if any(e.is_set() for e in events):
+        return True
+    waiters = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        done, _ = await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        return bool(done)
+    finally:
+        for w in waiters:
+            w.cancel()

@@ -1,0 +1,57 @@
+"""Prometheus metrics of every role, in the process-wide default registry."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+EVENTS_INGESTED = Counter(
+    "autopause_events_ingested_total", "Events applied to the session table", ["type"]
+)
+EVENTS_REJECTED = Counter(
+    "autopause_events_rejected_total", "Events dead-lettered as invalid", ["reason"]
+)
+EVENTS_STALE = Counter(
+    "autopause_events_stale_total", "Activity for sandboxes already KILLED or EXPIRED"
+)
+BATCH_SIZE = Histogram(
+    "autopause_ingest_batch_size",
+    "Events per ingest transaction",
+    buckets=(1, 5, 10, 50, 100, 250, 500, 1000, 2500, 5000),
+)
+BATCH_SECONDS = Histogram(
+    "autopause_ingest_batch_seconds", "Time to write one ingest batch to Postgres"
+)
+INGEST_LAG = Histogram(
+    "autopause_ingest_lag_seconds",
+    "now - occurred_at when an event is committed",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900),
+)
+TRANSITIONS = Counter(
+    "autopause_transitions_total", "Changes of session state", ["actor", "to_state", "reason"]
+)
+SESSIONS = Gauge("autopause_sessions", "Sessions by state (sampled)", ["state"])
+STORE_ERRORS = Counter(
+    "autopause_store_unavailable_total", "Operations that found Postgres unreachable", ["role"]
+)
+
+TICKS = Counter("autopause_ticks_total", "Scheduler ticks", ["outcome"])
+CLAIMS = Counter("autopause_claims_total", "Sessions claimed for a pause", ["reason"])
+TICK_SECONDS = Histogram("autopause_tick_seconds", "Duration of a scheduler tick")
+
+PAUSE_CALLS = Counter("autopause_pause_calls_total", "E2B pause calls by outcome", ["outcome"])
+COMMANDS_DROPPED = Counter(
+    "autopause_commands_dropped_total", "Pause commands dropped without an E2B call", ["reason"]
+)
+PAUSES = Counter("autopause_pauses_total", "Pause commands finished", ["result"])
+E2B_LATENCY = Histogram(
+    "autopause_e2b_call_seconds",
+    "E2B API call latency",
+    ["operation"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+RATE_LIMIT_WAIT = Histogram(
+    "autopause_rate_limiter_wait_seconds",
+    "Time a pause waited for a rate-limiter token",
+    buckets=(0.001, 0.01, 0.05, 0.1, 0.5, 1, 5, 30),
+)
+IN_FLIGHT = Gauge("autopause_pauses_in_flight", "Pause commands being worked on")

@@ -1,0 +1,167 @@
+"""Process lifecycle: connect, migrate, start the roles and the health server, stop on a signal.
+
+Failure policy of the background tasks: a role that ends with an exception
+stops the whole process with exit code 1, for the supervisor to restart it;
+the health probe never ends (a failing probe only marks the process unready).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from aio_pika.abc import AbstractRobustConnection
+
+from consumer import broker, health
+from consumer.emulator import Emulator
+from consumer.errors import BrokerUnavailable, ConfigError, StoreUnavailable
+from consumer.settings import Settings
+from consumer.store import Store
+
+log = logging.getLogger(__name__)
+
+ROLES = ("ingest", "scheduler", "worker")
+STARTUP_PATIENCE = 30.0
+T = TypeVar("T")
+
+
+@dataclass
+class Services:
+    """What a role needs from the outside, opened once per process."""
+
+    settings: Settings
+    store: Store
+    connection: AbstractRobustConnection
+    health: health.Health
+    e2b_url: str | None
+
+
+async def _retry(what: str, attempt: Callable[[], Awaitable[T]]) -> T:
+    """Retry a start-up connection for a while: services in compose start in any order."""
+    deadline = time.monotonic() + STARTUP_PATIENCE
+    delay = 0.5
+    while True:
+        try:
+            return await attempt()
+        except (StoreUnavailable, BrokerUnavailable) as exc:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning(f"{what} not reachable yet", extra={"action": "startup.wait", "error": str(exc)})
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5)
+
+
+def check_e2b(settings: Settings, roles: set[str]) -> None:
+    """A worker must know where its pauses go: a real key, or the emulator on purpose."""
+    if "worker" not in roles or settings.dry_run:
+        return
+    if not settings.emulator and not settings.e2b_key:
+        raise ConfigError(
+            "the worker has no E2B API key: set AUTOPAUSE_E2B_API_KEY (or E2B_API_KEY), "
+            "or choose the built-in emulator with --emulator / AUTOPAUSE_EMULATOR=true"
+        )
+
+
+async def run(settings: Settings, roles: set[str], *, burst: bool = False, once: bool = False) -> int:
+    """Run ``roles`` in this process until a signal (or, with burst/once, until their work is done)."""
+    check_e2b(settings, roles)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    state = health.Health()
+    store = await _retry(
+        "PostgreSQL",
+        lambda: Store.connect(
+            settings.database_url.get_secret_value(), settings.database_schema, size=settings.db_pool_size
+        ),
+    )
+    emulator: Emulator | None = None
+    runner = None
+    connection: AbstractRobustConnection | None = None
+    try:
+        await _retry("PostgreSQL", store.migrate)
+        connection = await _retry("RabbitMQ", lambda: broker.connect(settings, "+".join(sorted(roles))))
+        channel = await connection.channel()
+        await broker.declare_topology(channel, settings)
+        await channel.close()
+        e2b_url = settings.e2b_api_url
+        if settings.emulator and "worker" in roles:
+            emulator = Emulator(auto_create=True)
+            e2b_url = await emulator.start()
+            log.warning("using the built-in E2B emulator", extra={"action": "e2b.emulator", "url": e2b_url})
+        services = Services(settings, store, connection, state, e2b_url)
+        if settings.metrics_port:
+            runner = await health.serve(state, settings.metrics_host, settings.metrics_port)
+        return await _supervise(services, roles, stop, burst=burst, once=once)
+    finally:
+        if runner is not None:
+            await runner.cleanup()
+        if emulator is not None:
+            await emulator.stop()
+        if connection is not None:
+            await connection.close()
+        await store.close()
+
+
+async def _supervise(
+    services: Services, roles: set[str], stop: asyncio.Event, *, burst: bool, once: bool
+) -> int:
+    from consumer.ingest import Ingest
+    from consumer.scheduler import Scheduler
+    from consumer.worker import Worker
+
+    async def broker_up() -> bool:
+        return not services.connection.is_closed
+
+    async def database_up() -> bool:
+        await services.store.ping()
+        return True
+
+    probe = asyncio.create_task(
+        health.probe_forever(services.health, {"database": database_up, "broker": broker_up}),
+        name="health-probe",
+    )
+    tasks: dict[asyncio.Task[None], str] = {}
+    if "ingest" in roles:
+        ingest = Ingest(services.settings, services.store, services.connection, services.health, burst=burst)
+        tasks[asyncio.create_task(ingest.run(stop), name="ingest")] = "ingest"
+    if "scheduler" in roles:
+        scheduler = Scheduler(services.settings, services.store, services.connection, services.health)
+        tasks[asyncio.create_task(scheduler.run(stop, once=once), name="scheduler")] = "scheduler"
+    if "worker" in roles:
+        worker = Worker(services.settings, services.store, services.connection, services.health, services.e2b_url)
+        tasks[asyncio.create_task(worker.run(stop, burst=burst), name="worker")] = "worker"
+
+    code = 0
+    pending = set(tasks)
+    try:
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task.cancelled():
+                    continue
+                error = task.exception()
+                if error is not None:
+                    log.error(
+                        f"{tasks[task]} failed, stopping",
+                        exc_info=error,
+                        extra={"action": "role.failed", "role": tasks[task]},
+                    )
+                    code = 1
+                    stop.set()
+            if not (burst or once):
+                # a role that returns on its own outside burst mode means the process must stop
+                stop.set()
+    finally:
+        probe.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await probe
+    return code

@@ -1,0 +1,260 @@
+"""The session state machine, pure: no I/O, no clock, no settings lookups.
+
+Events arrive duplicated and out of order, from several consumers. Each batch
+is first *coalesced* per sandbox into a :class:`Delta` (a commutative merge),
+then *applied* to the row as it stands. Both steps are idempotent and
+commutative, so any permutation of a set of events, with duplicates and split
+into any batches, yields the same row. The ingest role only loads rows, calls
+:func:`apply`, and writes what it returns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Any
+from uuid import UUID
+
+from schemas import SandboxActivity, SandboxCreated, SandboxKilled
+
+class State(StrEnum):
+    RUNNING = "RUNNING"
+    PAUSING = "PAUSING"
+    PAUSED = "PAUSED"
+    KILLED = "KILLED"
+    EXPIRED = "EXPIRED"
+
+
+TERMINAL = frozenset({State.KILLED, State.EXPIRED})
+
+
+@dataclass(frozen=True)
+class Session:
+    """One row of ``sandbox_sessions`` as the state machine sees it."""
+
+    sandbox_id: str
+    state: State
+    last_activity: datetime
+    pause_due_at: datetime
+    project_id: str | None = None
+    user_id: str | None = None
+    template: str | None = None
+    idle_timeout_s: int | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+    created_event_id: UUID | None = None
+    created_event_at: datetime | None = None
+    generation: int = 0
+    claimed_activity: datetime | None = None
+    paused_at: datetime | None = None
+    killed_at: datetime | None = None
+    keep_alive_until: datetime | None = None
+    retry_after: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Transition:
+    """A change of state, as written to the transitions log."""
+
+    sandbox_id: str
+    from_state: State | None
+    to_state: State
+    reason: str
+    generation: int
+
+
+@dataclass(frozen=True)
+class Delta:
+    """Everything one batch says about one sandbox, merged."""
+
+    sandbox_id: str
+    created: SandboxCreated | None = None
+    last_activity: datetime | None = None
+    activity_count: int = 0
+    killed_at: datetime | None = None
+
+    def merge(self, other: Delta) -> Delta:
+        """Combine two deltas of one sandbox; commutative and associative."""
+        return Delta(
+            sandbox_id=self.sandbox_id,
+            created=_earliest_created(self.created, other.created),
+            last_activity=_max(self.last_activity, other.last_activity),
+            activity_count=self.activity_count + other.activity_count,
+            killed_at=_min(self.killed_at, other.killed_at),
+        )
+
+
+Event = SandboxCreated | SandboxActivity | SandboxKilled
+
+
+def delta_of(event: Event) -> Delta:
+    """The delta that one event stands for."""
+    if isinstance(event, SandboxCreated):
+        return Delta(event.sandbox_id, created=event, last_activity=event.occurred_at)
+    if isinstance(event, SandboxActivity):
+        return Delta(event.sandbox_id, last_activity=event.occurred_at, activity_count=1)
+    return Delta(event.sandbox_id, last_activity=event.occurred_at, killed_at=event.occurred_at)
+
+
+def coalesce(events: list[Event]) -> dict[str, Delta]:
+    """Merge a batch of events into one delta per sandbox (duplicates collapse by event id)."""
+    seen: set[UUID] = set()
+    deltas: dict[str, Delta] = {}
+    for event in events:
+        if event.event_id in seen:
+            continue
+        seen.add(event.event_id)
+        delta = delta_of(event)
+        current = deltas.get(event.sandbox_id)
+        deltas[event.sandbox_id] = delta if current is None else current.merge(delta)
+    return deltas
+
+
+@dataclass(frozen=True)
+class Applied:
+    """What :func:`apply` decided for one sandbox."""
+
+    session: Session
+    transitions: tuple[Transition, ...]
+    stale_events: int
+    changed: bool
+
+
+def pause_due(
+    last_activity: datetime,
+    timeout: timedelta,
+    keep_alive_until: datetime | None,
+    retry_after: datetime | None,
+) -> datetime:
+    """When a RUNNING session becomes eligible for a pause."""
+    due = last_activity + timeout
+    for later in (keep_alive_until, retry_after):
+        if later is not None and later > due:
+            due = later
+    return due
+
+
+def apply(current: Session | None, delta: Delta, default_timeout: timedelta) -> Applied:
+    """Apply a coalesced delta to a row (or to no row yet), per the design's state table."""
+    # every event's time counts as activity, so last_activity is the max of all of them
+    activity = delta.last_activity
+    if current is None:
+        assert activity is not None, "a delta always carries a time"
+        current = Session(
+            sandbox_id=delta.sandbox_id,
+            state=State.RUNNING,
+            last_activity=activity,
+            pause_due_at=activity + default_timeout,
+        )
+        transitions = [Transition(delta.sandbox_id, None, State.RUNNING, _birth(delta), 0)]
+    else:
+        transitions = []
+
+    row = current
+    if delta.created is not None:
+        row = _fill_from_created(row, delta.created)
+    if delta.last_activity is not None and delta.last_activity > row.last_activity:
+        row = dataclasses.replace(row, last_activity=delta.last_activity)
+
+    new_state, reason = _next_state(row, delta)
+    stale = delta.activity_count if row.state in TERMINAL and new_state is None else 0
+    if new_state is not None:
+        transitions.append(
+            Transition(row.sandbox_id, row.state, new_state, reason, row.generation)
+        )
+        # only a PAUSING row has a claim; leaving it drops the claim
+        row = dataclasses.replace(row, state=new_state, claimed_activity=None)
+    if delta.killed_at is not None:
+        row = dataclasses.replace(row, killed_at=_min(row.killed_at, delta.killed_at))
+
+    row = _with_due(current, row, default_timeout)
+    return Applied(row, tuple(transitions), stale, changed=row != current or bool(transitions))
+
+
+def _next_state(row: Session, delta: Delta) -> tuple[State | None, str]:
+    """The state a delta moves the row to, with the reason; None when it stays."""
+    if delta.killed_at is not None:
+        return (State.KILLED, "killed") if row.state is not State.KILLED else (None, "")
+    if delta.last_activity is None or row.state in TERMINAL:
+        return None, ""
+    if row.state is State.PAUSING and (
+        row.claimed_activity is None or delta.last_activity > row.claimed_activity
+    ):
+        return State.RUNNING, "activity_during_pause"
+    if row.state is State.PAUSED and (
+        row.paused_at is None or delta.last_activity > row.paused_at
+    ):
+        return State.RUNNING, "resumed"
+    return None, ""
+
+
+def _with_due(before: Session, row: Session, default_timeout: timedelta) -> Session:
+    """Recompute the pause deadline when what it depends on changed.
+
+    A deadline that the worker or the CLI pushed out (dry run, retry-after,
+    keep-alive) stays until newer activity, a new timeout or a resume moves it.
+    """
+    moved = (
+        row.last_activity != before.last_activity
+        or row.idle_timeout_s != before.idle_timeout_s
+        or (row.state is State.RUNNING and before.state is not State.RUNNING)
+    )
+    if not moved:
+        return row
+    timeout = (
+        timedelta(seconds=row.idle_timeout_s) if row.idle_timeout_s is not None else default_timeout
+    )
+    due = pause_due(row.last_activity, timeout, row.keep_alive_until, row.retry_after)
+    return dataclasses.replace(row, pause_due_at=due)
+
+
+def _fill_from_created(row: Session, created: SandboxCreated) -> Session:
+    """Take the descriptive fields from the earliest created event seen."""
+    if (
+        row.created_event_at is not None
+        and row.created_event_id is not None
+        and _created_key(row.created_event_at, row.created_event_id)
+        <= _created_key(created.occurred_at, created.event_id)
+    ):
+        return row
+    fields: dict[str, Any] = {
+        "project_id": created.project_id,
+        "user_id": created.user_id,
+        "template": created.template,
+        "idle_timeout_s": created.idle_timeout_s,
+        "metadata": dict(created.metadata),
+        "created_event_id": created.event_id,
+        "created_event_at": created.occurred_at,
+    }
+    return dataclasses.replace(row, **fields)
+
+
+def _birth(delta: Delta) -> str:
+    if delta.created is not None:
+        return "created"
+    return "first_activity" if delta.activity_count else "first_seen"
+
+
+def _created_key(at: datetime, event_id: UUID) -> tuple[datetime, str]:
+    return at, str(event_id)
+
+
+def _earliest_created(
+    a: SandboxCreated | None, b: SandboxCreated | None
+) -> SandboxCreated | None:
+    if a is None or b is None:
+        return a or b
+    return min(a, b, key=lambda c: _created_key(c.occurred_at, c.event_id))
+
+
+def _max(a: datetime | None, b: datetime | None) -> datetime | None:
+    if a is None or b is None:
+        return a or b
+    return max(a, b)
+
+
+def _min(a: datetime | None, b: datetime | None) -> datetime | None:
+    if a is None or b is None:
+        return a or b
+    return min(a, b)

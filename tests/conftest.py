@@ -1,0 +1,165 @@
+"""Fixtures on the real services: each test gets its own Postgres schema and broker names."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import asyncpg
+import orjson
+import pytest
+
+from consumer.broker import Names, declare_topology, delete_topology, message, publish_all
+from consumer.settings import Settings, load_settings
+from consumer.store import Store
+
+ROOT = Path(__file__).resolve().parent.parent
+AMQP_URL = os.environ.get("AUTOPAUSE_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+DATABASE_URL = os.environ.get("AUTOPAUSE_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+async def wait_for(
+    condition: Callable[[], Awaitable[Any]], timeout: float = 30, what: str = "condition"
+) -> Any:
+    """Poll ``condition`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {value!r})")
+        await asyncio.sleep(0.05)
+
+
+def isolated_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """Environment for a subprocess that uses the same schema and broker names."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AUTOPAUSE_") and k != "E2B_API_KEY"}
+    env.update(
+        AUTOPAUSE_AMQP_URL=AMQP_URL,
+        AUTOPAUSE_DATABASE_URL=DATABASE_URL,
+        AUTOPAUSE_DATABASE_SCHEMA=settings.database_schema,
+        AUTOPAUSE_TOPOLOGY_PREFIX=settings.topology_prefix,
+        AUTOPAUSE_METRICS_PORT="0",
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(extra)
+    return env
+
+
+def autopause(*args: str) -> list[str]:
+    return [sys.executable, "-m", "consumer", *args]
+
+
+@pytest.fixture
+def names_seed() -> str:
+    return uuid.uuid4().hex[:10]
+
+
+@pytest.fixture
+async def settings(names_seed: str) -> AsyncIterator[Settings]:
+    """Settings with a private schema and topology; both are removed afterwards."""
+    made = load_settings(
+        amqp_url=AMQP_URL,
+        database_url=DATABASE_URL,
+        database_schema=f"t_{names_seed}",
+        topology_prefix=f"t{names_seed}.",
+        metrics_port=0,
+        flush_interval=0.05,
+        default_idle_timeout=600,
+    )
+    yield made
+    conn = await asyncpg.connect(DATABASE_URL)
+    try:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{made.database_schema}" CASCADE')
+    finally:
+        await conn.close()
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        await delete_topology(await connection.channel(), made.topology_prefix)
+
+
+@pytest.fixture
+async def store(settings: Settings) -> AsyncIterator[Store]:
+    made = await Store.connect(settings.database_url.get_secret_value(), settings.database_schema)
+    await made.migrate()
+    yield made
+    await made.close()
+
+
+@pytest.fixture
+async def channel(settings: Settings) -> AsyncIterator[aio_pika.abc.AbstractChannel]:
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        ch = await connection.channel(publisher_confirms=True)
+        await declare_topology(ch, settings)
+        yield ch
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def event(kind: str, sandbox_id: str, *, at: datetime | None = None, **fields: Any) -> dict[str, Any]:
+    """A valid event as a producer would send it."""
+    body: dict[str, Any] = {
+        "event_id": str(uuid.uuid4()),
+        "type": f"sandbox.{kind}",
+        "occurred_at": (at or now()).isoformat(),
+        "sandbox_id": sandbox_id,
+    }
+    if kind == "created":
+        body.update(project_id="proj-1", user_id="user-1", template="base")
+    elif kind == "activity":
+        body.update(source="terminal")
+    body.update(fields)
+    return body
+
+
+async def publish(
+    channel: aio_pika.abc.AbstractChannel, settings: Settings, bodies: list[dict[str, Any] | bytes], routing_key: str | None = None
+) -> None:
+    """Publish events (dicts, or raw bytes for invalid ones) to sandbox.events with confirms."""
+    exchange = await channel.get_exchange(Names(settings.topology_prefix).events_exchange)
+    items = []
+    for body in bodies:
+        if isinstance(body, bytes):
+            items.append((routing_key or "sandbox.activity", message(body)))
+        else:
+            items.append((routing_key or body.get("type", "sandbox.activity"), message(orjson.dumps(body))))
+    await publish_all(exchange, items)
+
+
+async def queue_ready(channel: aio_pika.abc.AbstractChannel, name: str) -> int:
+    queue = await channel.declare_queue(name, passive=True)
+    return int(queue.declaration_result.message_count or 0)
+
+
+@pytest.fixture
+def spawn() -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
+    """Start autopause subprocesses; any still running at the end are killed."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=10)
+
+
+def ago(seconds: float) -> datetime:
+    return now() - timedelta(seconds=seconds)

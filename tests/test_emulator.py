@@ -1,0 +1,342 @@
+"""The E2B emulator: spec answers over raw HTTP, SDK parsing, faults, control API."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import aiohttp
+import pytest
+from e2b import AsyncSandbox
+from e2b.api.client.models import SandboxState
+from e2b.exceptions import SandboxNotFoundException
+from e2b.sandbox.sandbox_api import SandboxQuery
+
+from consumer.emulator import Call, Emulator, Faults, serve
+
+KEY = "e2b_test_key"
+
+
+@pytest.fixture
+async def emulator() -> AsyncIterator[Emulator]:
+    async with Emulator(seed=7) as emu:
+        yield emu
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+        yield session
+
+
+def sdk_opts(emu: Emulator) -> dict[str, Any]:
+    return {"api_url": emu.url, "api_key": KEY, "request_timeout": 5, "retries": 0}
+
+
+async def request(
+    http: aiohttp.ClientSession,
+    method: str,
+    url: str,
+    *,
+    key: str | None = KEY,
+    json: Any = None,
+) -> tuple[int, Any]:
+    headers = {"X-API-KEY": key} if key is not None else {}
+    async with http.request(method, url, json=json, headers=headers) as resp:
+        body = await resp.json() if resp.content_type == "application/json" else None
+        return resp.status, body
+
+
+async def eventually(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Wait for ``condition`` with a deadline (polling, not a guess at timing)."""
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_api_key_is_required(emulator: Emulator, http: aiohttp.ClientSession) -> None:
+    emulator.add_sandbox("sbx")
+    status, body = await request(http, "POST", f"{emulator.url}/sandboxes/sbx/pause", key=None)
+    assert status == 401
+    assert body["code"] == 401 and isinstance(body["message"], str)
+    assert emulator.state_of("sbx") == "running"
+    assert [c.status for c in emulator.calls("pause")] == [401]
+
+
+async def test_only_the_configured_key_is_accepted(http: aiohttp.ClientSession) -> None:
+    async with Emulator(api_key="e2b_right") as emu:
+        emu.add_sandbox("sbx")
+        wrong, _ = await request(http, "GET", f"{emu.url}/sandboxes/sbx", key="e2b_wrong")
+        right, _ = await request(http, "GET", f"{emu.url}/sandboxes/sbx", key="e2b_right")
+    assert (wrong, right) == (401, 200)
+
+
+async def test_pause_answers_the_spec_codes(
+    emulator: Emulator, http: aiohttp.ClientSession
+) -> None:
+    emulator.add_sandbox("sbx")
+    emulator.add_sandbox("hidden")
+    emulator.faults.missing.add("hidden")
+    url = f"{emulator.url}/sandboxes/{{}}/pause"
+    first, body = await request(http, "POST", url.format("sbx"), json={"memory": True})
+    assert (first, body) == (204, None)
+    again, body = await request(http, "POST", url.format("sbx"))
+    assert again == 409 and body["code"] == 409
+    unknown, body = await request(http, "POST", url.format("nope"))
+    assert unknown == 404 and body == {"code": 404, "message": "Sandbox nope not found"}
+    hidden, _ = await request(http, "POST", url.format("hidden"))
+    assert hidden == 404
+    assert emulator.state_of("sbx") == "paused"
+    assert emulator.state_of("hidden") == "running"
+    assert [(c.op, c.sandbox_id, c.status) for c in emulator.calls()] == [
+        ("pause", "sbx", 204),
+        ("pause", "sbx", 409),
+        ("pause", "nope", 404),
+        ("pause", "hidden", 404),
+    ]
+
+
+async def test_resume_and_connect_codes(emulator: Emulator, http: aiohttp.ClientSession) -> None:
+    emulator.add_sandbox("sbx", state="paused")
+    base = f"{emulator.url}/sandboxes/sbx"
+    assert (await request(http, "POST", f"{base}/resume", json={"timeout": 60}))[0] == 201
+    assert (await request(http, "POST", f"{base}/resume", json={}))[0] == 409
+    connect = f"{emulator.url}/v2/sandboxes/sbx/connect"
+    assert (await request(http, "POST", connect, json={}))[0] == 200
+    await request(http, "POST", f"{base}/pause")
+    status, body = await request(http, "POST", connect, json={"timeout": 60})
+    assert status == 201 and body["sandboxID"] == "sbx"
+    assert emulator.state_of("sbx") == "running"
+
+
+async def test_sdk_parses_info_create_connect_and_kill(emulator: Emulator) -> None:
+    opts = sdk_opts(emulator)
+    sandbox = await AsyncSandbox.create("python", metadata={"project": "p1"}, **opts)
+    sandbox_id = sandbox.sandbox_id
+    assert emulator.state_of(sandbox_id) == "running"
+    assert await AsyncSandbox.pause(sandbox_id, **opts) is True
+    info = await AsyncSandbox.get_info(sandbox_id, **opts)
+    assert (info.sandbox_id, info.template_id) == (sandbox_id, "python")
+    assert info.state == SandboxState.PAUSED
+    assert info.metadata == {"project": "p1"}
+    assert info.end_at > info.started_at
+    connected = await AsyncSandbox.connect(sandbox_id, **opts)
+    assert connected.sandbox_id == sandbox_id
+    assert emulator.state_of(sandbox_id) == "running"
+    assert await AsyncSandbox.kill(sandbox_id, **opts) is True
+    assert await AsyncSandbox.kill(sandbox_id, **opts) is False
+    assert emulator.state_of(sandbox_id) is None
+    with pytest.raises(SandboxNotFoundException):
+        await AsyncSandbox.get_info(sandbox_id, **opts)
+    ops = [(c.op, c.status) for c in emulator.calls(sandbox_id=sandbox_id)]
+    assert ops == [
+        ("create", 201),
+        ("pause", 204),
+        ("info", 200),
+        ("connect", 201),
+        ("kill", 204),
+        ("kill", 404),
+        ("info", 404),
+    ]
+
+
+async def test_sdk_list_filters_and_pages(emulator: Emulator) -> None:
+    for i in range(7):
+        emulator.add_sandbox(f"run-{i}", metadata={"team": "a" if i % 2 else "b"})
+    for i in range(3):
+        emulator.add_sandbox(f"paused-{i}", state="paused", template="other")
+
+    async def collect(query: SandboxQuery | None, limit: int | None) -> list[str]:
+        paginator = AsyncSandbox.list(query=query, limit=limit, **sdk_opts(emulator))
+        ids: list[str] = []
+        while paginator.has_next:
+            ids += [info.sandbox_id for info in await paginator.next_items()]
+        return ids
+
+    running = await collect(SandboxQuery(state=[SandboxState.RUNNING]), 3)
+    assert running == [f"run-{i}" for i in reversed(range(7))]  # newest first
+    paused = await collect(SandboxQuery(state=[SandboxState.PAUSED]), None)
+    assert sorted(paused) == ["paused-0", "paused-1", "paused-2"]
+    assert len(await collect(None, 4)) == 10
+    team_a = await collect(SandboxQuery(metadata={"team": "a"}), None)
+    assert sorted(team_a) == ["run-1", "run-3", "run-5"]
+    assert len(emulator.calls("list")) == 3 + 1 + 3 + 1
+
+
+async def test_list_rejects_bad_queries(emulator: Emulator, http: aiohttp.ClientSession) -> None:
+    base = f"{emulator.url}/v2/sandboxes"
+    for query in ("state=sleeping", "limit=0", "limit=101", "nextToken=%%%", "order=up"):
+        status, body = await request(http, "GET", f"{base}?{query}")
+        assert status == 400 and body["code"] == 400, query
+
+
+async def test_auto_create_makes_unknown_ids_exist_but_not_killed_ones(
+    http: aiohttp.ClientSession,
+) -> None:
+    async with Emulator(auto_create=True) as emu:
+        assert (await request(http, "POST", f"{emu.url}/sandboxes/new/pause"))[0] == 204
+        assert emu.state_of("new") == "paused"
+        assert (await request(http, "DELETE", f"{emu.url}/sandboxes/new"))[0] == 204
+        assert (await request(http, "POST", f"{emu.url}/sandboxes/new/pause"))[0] == 404
+        assert emu.state_of("new") is None
+
+
+async def test_rate_limit_counts_admitted_calls_in_a_sliding_second(
+    http: aiohttp.ClientSession,
+) -> None:
+    clock = FakeClock()
+    async with Emulator(auto_create=True, faults=Faults(rate_limit=2), clock=clock) as emu:
+        statuses = []
+        for at in (0.0, 0.1, 0.2, 1.05, 1.06, 1.11):
+            clock.now = at
+            statuses.append((await request(http, "GET", f"{emu.url}/sandboxes/s"))[0])
+        assert statuses == [200, 200, 429, 200, 429, 200]
+        assert [c.at for c in emu.calls()] == [0.0, 0.1, 0.2, 1.05, 1.06, 1.11]
+
+
+async def test_peak_rate_counts_calls_in_any_window(http: aiohttp.ClientSession) -> None:
+    clock = FakeClock()
+    async with Emulator(auto_create=True, clock=clock) as emu:
+        for at in (0.0, 0.1, 0.5, 0.99, 1.5, 1.6, 3.0):
+            clock.now = at
+            await request(http, "POST", f"{emu.url}/sandboxes/s{at}/pause")
+        clock.now = 3.2
+        await request(http, "GET", f"{emu.url}/sandboxes/s3.0")
+        assert emu.peak_rate("pause") == 4
+        assert emu.peak_rate("pause", window=0.5) == 2
+        assert emu.peak_rate("pause", window=0.01) == 1
+        assert emu.peak_rate(window=0.3) == 2  # pause at 3.0 and info at 3.2
+        assert emu.peak_rate("kill") == 0
+        emu.reset_calls()
+        assert emu.peak_rate() == 0 and emu.calls() == []
+
+
+async def test_error_rate_answers_5xx_with_error_body(
+    emulator: Emulator, http: aiohttp.ClientSession
+) -> None:
+    emulator.add_sandbox("sbx")
+    emulator.faults.error_rate = 1.0
+    seen = set()
+    for _ in range(20):
+        status, body = await request(http, "POST", f"{emulator.url}/sandboxes/sbx/pause")
+        assert body["code"] == status
+        seen.add(status)
+    assert seen <= {500, 502, 503} and len(seen) > 1
+    assert emulator.state_of("sbx") == "running"
+
+
+async def test_faults_are_checked_in_order(emulator: Emulator, http: aiohttp.ClientSession) -> None:
+    emulator.add_sandbox("sbx")
+    emulator.faults.rate_limit = 1
+    emulator.faults.error_rate = 1.0
+    emulator.faults.latency = 30.0  # never reached: 429 and 5xx come first
+    first, _ = await request(http, "GET", f"{emulator.url}/sandboxes/sbx")
+    second, _ = await request(http, "GET", f"{emulator.url}/sandboxes/sbx")
+    assert first in {500, 502, 503} and second == 429
+
+
+async def test_latency_delays_every_answer(emulator: Emulator, http: aiohttp.ClientSession) -> None:
+    emulator.add_sandbox("sbx")
+    emulator.faults.latency = 0.2
+    started = time.monotonic()
+    await asyncio.gather(
+        *(request(http, "GET", f"{emulator.url}/sandboxes/sbx") for _ in range(10))
+    )
+    elapsed = time.monotonic() - started
+    assert 0.2 <= elapsed < 2.0  # concurrent, not one after another
+
+
+async def test_hung_call_is_recorded_and_stop_releases_it(http: aiohttp.ClientSession) -> None:
+    emu = Emulator(faults=Faults(timeout_rate=1.0))
+    await emu.start()
+    emu.add_sandbox("sbx")
+    pending = asyncio.create_task(request(http, "POST", f"{emu.url}/sandboxes/sbx/pause"))
+    await eventually(lambda: len(emu.calls()) == 1)
+    assert emu.calls()[0].status == 0
+    assert not pending.done()
+    async with asyncio.timeout(5):  # hang_seconds is 3600
+        await emu.stop()
+        status, _ = await pending
+    assert status == 504
+    assert emu.state_of("sbx") == "running"
+
+
+async def test_client_timeout_against_hang(emulator: Emulator) -> None:
+    emulator.add_sandbox("sbx")
+    emulator.faults.timeout_rate = 1.0
+    timeout = aiohttp.ClientTimeout(total=0.3)
+    async with aiohttp.ClientSession(timeout=timeout) as short:
+        with pytest.raises(TimeoutError):
+            await request(short, "POST", f"{emulator.url}/sandboxes/sbx/pause")
+    assert [c.status for c in emulator.calls()] == [0]
+
+
+async def test_control_api(emulator: Emulator, http: aiohttp.ClientSession) -> None:
+    ctl = f"{emulator.url}/_emulator"
+    status, body = await request(
+        http, "POST", f"{ctl}/sandboxes", key=None, json={"sandbox_id": "c1", "state": "paused"}
+    )
+    assert status == 201 and emulator.state_of("c1") == "paused"
+    bad, _ = await request(
+        http, "POST", f"{ctl}/sandboxes", key=None, json={"sandbox_id": "c2", "state": "zombie"}
+    )
+    assert bad == 400
+    assert (await request(http, "GET", f"{ctl}/sandboxes/c1", key=None))[1] == {
+        "sandbox_id": "c1",
+        "state": "paused",
+    }
+    assert (await request(http, "GET", f"{ctl}/sandboxes/zz", key=None))[1]["state"] is None
+
+    status, faults = await request(
+        http, "PUT", f"{ctl}/faults", key=None, json={"latency": 0.01, "missing": ["c1"]}
+    )
+    assert status == 200 and faults["latency"] == 0.01 and faults["missing"] == ["c1"]
+    assert emulator.faults.latency == 0.01 and emulator.faults.missing == {"c1"}
+    assert emulator.faults.error_rate == 0.0
+    for wrong in ({"latncy": 1}, {"error_rate": 2}, {"latency": -1}, {"missing": "c1"}):
+        assert (await request(http, "PUT", f"{ctl}/faults", key=None, json=wrong))[0] == 400
+    assert emulator.faults.latency == 0.01
+
+    await request(http, "POST", f"{emulator.url}/sandboxes/c1/pause")
+    await request(http, "GET", f"{emulator.url}/sandboxes/other")
+    _, calls = await request(http, "GET", f"{ctl}/calls?op=pause&sandbox_id=c1", key=None)
+    assert [(c["method"], c["op"], c["sandbox_id"], c["status"]) for c in calls] == [
+        ("POST", "pause", "c1", 404)
+    ]
+    assert Call(**calls[0]) == emulator.calls("pause")[0]
+    _, all_calls = await request(http, "GET", f"{ctl}/calls", key=None)
+    assert len(all_calls) == 2
+    _, peak = await request(http, "GET", f"{ctl}/peak-rate?op=pause&window=10", key=None)
+    assert peak == {"peak": 1}
+
+    assert (await request(http, "POST", f"{ctl}/reset", key=None))[0] == 200
+    assert emulator.calls() == [] and emulator.faults.latency == 0.01
+    await request(http, "POST", f"{ctl}/reset", key=None, json={"faults": True, "sandboxes": True})
+    assert emulator.faults == Faults() and emulator.state_of("c1") is None
+
+
+async def test_serve_logs_its_url_and_stops_on_cancel(
+    caplog: pytest.LogCaptureFixture, http: aiohttp.ClientSession
+) -> None:
+    caplog.set_level(logging.INFO, logger="consumer.emulator")
+    task = asyncio.create_task(serve("127.0.0.1", 0, Faults(), True))
+    await eventually(lambda: any("url=" in r.getMessage() for r in caplog.records))
+    line = next(r.getMessage() for r in caplog.records if "url=" in r.getMessage())
+    url = line.split("url=")[1].split()[0]
+    assert (await request(http, "POST", f"{url}/sandboxes/any/pause"))[0] == 204
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    with pytest.raises(aiohttp.ClientConnectionError):
+        await request(http, "GET", f"{url}/sandboxes/any")
