@@ -46,7 +46,7 @@ from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, Self
-from urllib.parse import parse_qsl, unquote
+from urllib.parse import parse_qsl
 
 import orjson
 from aiohttp import web
@@ -92,7 +92,7 @@ class Faults:
                 continue
             if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
                 raise ValueError(f"{name} must be a number >= 0")
-            if name.endswith("_rate") and name != "rate_limit" and value > 1:
+            if name in ("error_rate", "timeout_rate") and value > 1:
                 raise ValueError(f"{name} must be between 0 and 1")
             parsed[name] = float(value)
         for name, value in parsed.items():
@@ -294,7 +294,8 @@ class Emulator:
                     if faults.latency > 0:
                         await asyncio.sleep(faults.latency)
                     response = await answer(request, sandbox_id)
-                    sandbox_id = request.get("sandbox_id", sandbox_id)
+                    if op == "create" and response.status == 201:
+                        sandbox_id = response.headers["Location"].rsplit("/", 1)[1]
             except asyncio.CancelledError:
                 if not recorded:  # the client went away before an answer
                     self._calls.append(Call(request.method, op, sandbox_id, 0, arrived))
@@ -422,8 +423,7 @@ class Emulator:
         while new_id in self._sandboxes or new_id in self._killed:
             new_id = "i" + "".join(self._rng.choices(_ID_ALPHABET, k=19))
         box = self._new(new_id, template, metadata, timeout)
-        request["sandbox_id"] = new_id
-        return _json(201, _sandbox(box))
+        return _json(201, _sandbox(box), {"Location": f"/sandboxes/{new_id}"})
 
     async def _list(self, request: web.Request, sandbox_id: str | None) -> web.Response:
         """GET /v2/sandboxes: filters, newest first by default, cursor pagination."""
@@ -582,10 +582,11 @@ def _parse_states(text: str | None) -> tuple[str, ...]:
 
 
 def _parse_metadata(text: str | None) -> dict[str, str]:
-    """The SDK sends ``urlencode({quote(k): quote(v)})``: decode twice."""
+    """The SDK sends ``urlencode({quote(k): quote(v)})`` as one query value, which
+    aiohttp has decoded once already; parse_qsl undoes the inner quoting."""
     if not text:
         return {}
-    return {unquote(k): unquote(v) for k, v in parse_qsl(text, keep_blank_values=True)}
+    return dict(parse_qsl(text, keep_blank_values=True))
 
 
 def _parse_time(text: str | None) -> datetime | None:

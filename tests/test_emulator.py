@@ -156,6 +156,8 @@ async def test_sdk_list_filters_and_pages(emulator: Emulator) -> None:
         emulator.add_sandbox(f"run-{i}", metadata={"team": "a" if i % 2 else "b"})
     for i in range(3):
         emulator.add_sandbox(f"paused-{i}", state="paused", template="other")
+    odd = {"k y": "50%41&x=1"}
+    emulator.add_sandbox("odd", state="paused", metadata=odd)
 
     async def collect(query: SandboxQuery | None, limit: int | None) -> list[str]:
         paginator = AsyncSandbox.list(query=query, limit=limit, **sdk_opts(emulator))
@@ -167,11 +169,13 @@ async def test_sdk_list_filters_and_pages(emulator: Emulator) -> None:
     running = await collect(SandboxQuery(state=[SandboxState.RUNNING]), 3)
     assert running == [f"run-{i}" for i in reversed(range(7))]  # newest first
     paused = await collect(SandboxQuery(state=[SandboxState.PAUSED]), None)
-    assert sorted(paused) == ["paused-0", "paused-1", "paused-2"]
-    assert len(await collect(None, 4)) == 10
+    assert sorted(paused) == ["odd", "paused-0", "paused-1", "paused-2"]
+    assert len(await collect(None, 4)) == 11
     team_a = await collect(SandboxQuery(metadata={"team": "a"}), None)
     assert sorted(team_a) == ["run-1", "run-3", "run-5"]
-    assert len(emulator.calls("list")) == 3 + 1 + 3 + 1
+    assert await collect(SandboxQuery(metadata=odd), None) == ["odd"]
+    assert await collect(SandboxQuery(metadata={"k y": "50A&x=1"}), None) == []
+    assert len(emulator.calls("list")) == 3 + 1 + 3 + 1 + 1 + 1
 
 
 async def test_list_rejects_bad_queries(emulator: Emulator, http: aiohttp.ClientSession) -> None:
