@@ -46,7 +46,7 @@ from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, Self
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, unquote
 
 import orjson
 from aiohttp import web
@@ -582,11 +582,11 @@ def _parse_states(text: str | None) -> tuple[str, ...]:
 
 
 def _parse_metadata(text: str | None) -> dict[str, str]:
-    """The SDK sends ``urlencode({quote(k): quote(v)})`` as one query value, which
-    aiohttp has decoded once already; parse_qsl undoes the inner quoting."""
+    """The SDK sends ``urlencode({quote(k): quote(v)})`` as one query value; past
+    aiohttp's decoding, parse_qsl undoes urlencode and unquote the quoting."""
     if not text:
         return {}
-    return dict(parse_qsl(text, keep_blank_values=True))
+    return {unquote(k): unquote(v) for k, v in parse_qsl(text, keep_blank_values=True)}
 
 
 def _parse_time(text: str | None) -> datetime | None:

@@ -116,9 +116,7 @@ async def test_hang_times_out_as_retryable(emulator: Emulator) -> None:
 
 
 async def test_refused_connection_is_retryable() -> None:
-    client = E2BClient(
-        api_key=KEY, api_url=f"http://127.0.0.1:{closed_port()}", request_timeout=1
-    )
+    client = E2BClient(api_key=KEY, api_url=f"http://127.0.0.1:{closed_port()}", request_timeout=1)
     async with asyncio.timeout(3):
         result = await client.pause("sbx")
     assert result.outcome is PauseOutcome.RETRYABLE

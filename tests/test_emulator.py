@@ -50,10 +50,10 @@ async def request(
         return resp.status, body
 
 
-async def eventually(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Wait for ``condition`` with a deadline (polling, not a guess at timing)."""
-    async with asyncio.timeout(timeout):
-        while not condition():
+async def eventually(condition: Callable[[], bool], within: float = 5.0) -> None:
+    """Wait for ``condition`` with a deadline; the emulator has no event to await."""
+    async with asyncio.timeout(within):
+        while not condition():  # noqa: ASYNC110 - polling a condition, not timing
             await asyncio.sleep(0.01)
 
 
@@ -156,7 +156,7 @@ async def test_sdk_list_filters_and_pages(emulator: Emulator) -> None:
         emulator.add_sandbox(f"run-{i}", metadata={"team": "a" if i % 2 else "b"})
     for i in range(3):
         emulator.add_sandbox(f"paused-{i}", state="paused", template="other")
-    odd = {"k y": "50%41&x=1"}
+    odd = {"k y": "50%41&x=1", "plus": "b+c"}
     emulator.add_sandbox("odd", state="paused", metadata=odd)
 
     async def collect(query: SandboxQuery | None, limit: int | None) -> list[str]:
@@ -291,7 +291,8 @@ async def test_control_api(emulator: Emulator, http: aiohttp.ClientSession) -> N
     status, body = await request(
         http, "POST", f"{ctl}/sandboxes", key=None, json={"sandbox_id": "c1", "state": "paused"}
     )
-    assert status == 201 and emulator.state_of("c1") == "paused"
+    assert status == 201 and body == {"sandbox_id": "c1", "state": "paused"}
+    assert emulator.state_of("c1") == "paused"
     bad, _ = await request(
         http, "POST", f"{ctl}/sandboxes", key=None, json={"sandbox_id": "c2", "state": "zombie"}
     )

@@ -1,0 +1,317 @@
+"""Scheduler and worker on real RabbitMQ and Postgres, E2B through the real SDK and the emulator."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+
+import aio_pika
+import pytest
+from conftest import ago, autopause, event, isolated_env, publish, wait_for
+
+from consumer import runner
+from consumer.broker import PAUSE_ROUTING_KEY, Names, message
+from consumer.emulator import Emulator, Faults
+from consumer.settings import Settings
+from consumer.store import Store
+from schemas import PauseCommand
+
+KEY = "e2b_test_key_0123456789"
+
+
+@pytest.fixture
+async def emulator() -> AsyncIterator[Emulator]:
+    async with Emulator(api_key=KEY, seed=1) as emu:
+        yield emu
+
+
+@pytest.fixture
+def pause_settings(settings: Settings, emulator: Emulator) -> Settings:
+    return settings.model_copy(
+        update={
+            "e2b_api_url": emulator.url,
+            "e2b_api_key": type(settings.amqp_url)(KEY),
+            "retry_base_delay": 0.01,
+            "retry_max_delay": 0.05,
+            "e2b_request_timeout": 5.0,
+            "claim_max_share": 1.0,
+        }
+    )
+
+
+async def seed(
+    channel: aio_pika.abc.AbstractChannel,
+    settings: Settings,
+    emulator: Emulator,
+    *,
+    idle: list[str] = (),  # type: ignore[assignment]
+    active: list[str] = (),  # type: ignore[assignment]
+) -> None:
+    """Sandboxes in the emulator and their events ingested: idle ones an hour quiet, active ones fresh."""
+    bodies: list[dict[str, Any] | bytes] = []
+    for sid in idle:
+        emulator.add_sandbox(sid)
+        bodies.append(event("created", sid, at=ago(3600)))
+    for sid in active:
+        emulator.add_sandbox(sid)
+        bodies += [event("created", sid, at=ago(3600)), event("activity", sid)]
+    await publish(channel, settings, bodies)
+    assert await runner.run(settings, {"ingest"}, burst=True) == 0
+
+
+async def tick(settings: Settings) -> None:
+    assert await runner.run(settings, {"scheduler"}, once=True) == 0
+
+
+async def work(settings: Settings) -> None:
+    assert await runner.run(settings, {"worker"}, burst=True) == 0
+
+
+async def states(store: Store) -> dict[str, str]:
+    async with store.pool.acquire() as conn:
+        rows = await conn.fetch("SELECT sandbox_id, state FROM sandbox_sessions")
+    return {r["sandbox_id"]: r["state"] for r in rows}
+
+
+def ids(prefix: str, n: int) -> list[str]:
+    return [f"{prefix}-{i:04d}" for i in range(n)]
+
+
+async def test_idle_sandboxes_are_paused_and_active_ones_never(
+    pause_settings: Settings, store: Store, channel: Any, emulator: Emulator
+) -> None:
+    idle, active = ids("idle", 40), ids("busy", 40)
+    await seed(channel, pause_settings, emulator, idle=idle, active=active)
+    await tick(pause_settings)
+    await work(pause_settings)
+    rows = await states(store)
+    assert {rows[s] for s in idle} == {"PAUSED"}
+    assert {rows[s] for s in active} == {"RUNNING"}
+    assert {emulator.state_of(s) for s in idle} == {"paused"}
+    assert {emulator.state_of(s) for s in active} == {"running"}
+    assert not [c for c in emulator.calls("pause") if c.sandbox_id in active]
+    history = [(r["to_state"], r["actor"]) for r in await store.transitions_of(idle[0])]
+    assert history == [("RUNNING", "ingest"), ("PAUSING", "scheduler"), ("PAUSED", "worker")]
+
+
+async def test_activity_between_claim_and_execution_cancels_the_pause(
+    pause_settings: Settings, store: Store, channel: Any, emulator: Emulator
+) -> None:
+    await seed(channel, pause_settings, emulator, idle=["late-1"])
+    await tick(pause_settings)
+    assert (await states(store))["late-1"] == "PAUSING"
+    await publish(channel, pause_settings, [event("activity", "late-1")])
+    assert await runner.run(pause_settings, {"ingest"}, burst=True) == 0
+    assert (await states(store))["late-1"] == "RUNNING"
+    await work(pause_settings)
+    assert emulator.calls("pause") == []
+    assert (await states(store))["late-1"] == "RUNNING"
+
+
+async def test_forged_or_stale_commands_never_reach_e2b(
+    pause_settings: Settings, store: Store, channel: Any, emulator: Emulator
+) -> None:
+    await seed(channel, pause_settings, emulator, active=["inuse-1"])
+    exchange = await channel.get_exchange(Names(pause_settings.topology_prefix).commands_exchange)
+    for generation in (0 + 1, 7):
+        command = PauseCommand(
+            command_id=uuid.uuid4(), sandbox_id="inuse-1", generation=generation, issued_at=datetime.now(UTC)
+        )
+        await exchange.publish(message(command.model_dump_json().encode()), routing_key=PAUSE_ROUTING_KEY)
+    await exchange.publish(message(b'{"type": "sandbox.pause", "sandbox_id": "inuse-1"}'), routing_key=PAUSE_ROUTING_KEY)
+    await work(pause_settings)
+    assert emulator.calls() == []
+    assert (await states(store))["inuse-1"] == "RUNNING"
+
+
+async def test_gone_becomes_killed_and_already_paused_becomes_paused(
+    pause_settings: Settings, store: Store, channel: Any, emulator: Emulator
+) -> None:
+    await seed(channel, pause_settings, emulator, idle=["gone-1", "paused-1"])
+    emulator.faults.missing.add("gone-1")
+    emulator.add_sandbox("paused-1", state="paused")
+    await tick(pause_settings)
+    await work(pause_settings)
+    rows = await states(store)
+    assert rows == {"gone-1": "KILLED", "paused-1": "PAUSED"}
+    assert Counter(c.status for c in emulator.calls("pause")) == Counter({404: 1, 409: 1})
+
+
+async def test_a_storm_of_429_and_5xx_ends_paused_within_the_rate(
+    pause_settings: Settings, store: Store, channel: Any, emulator: Emulator
+) -> None:
+    idle = ids("storm", 120)
+    await seed(channel, pause_settings, emulator, idle=idle)
+    rate = 40.0
+    stormy = pause_settings.model_copy(
+        update={"e2b_rate_limit": rate, "worker_concurrency": 32, "pause_max_attempts": 30}
+    )
+    emulator.faults = Faults(error_rate=0.3, rate_limit=rate * 0.8)
+    await tick(stormy)
+    await work(stormy)
+    assert {s for s, st in (await states(store)).items() if st != "PAUSED"} == set()
+    statuses = Counter(c.status for c in emulator.calls("pause"))
+    assert statuses[429] > 0 and statuses[500] + statuses[502] + statuses[503] > 0
+    # the token bucket holds a tenth of a second of burst on top of the rate
+    assert emulator.peak_rate("pause") <= rate + rate / 10 + 1
+
+
+async def test_retries_spent_return_the_row_to_running_with_a_retry_after(
+    pause_settings: Settings, store: Store, channel: Any, emulator: Emulator
+) -> None:
+    await seed(channel, pause_settings, emulator, idle=["flaky-1"])
+    emulator.faults.error_rate = 1.0
+    failing = pause_settings.model_copy(update={"pause_max_attempts": 3})
+    await tick(failing)
+    await work(failing)
+    row = await store.get_session("flaky-1")
+    assert row is not None
+    assert row["state"] == "RUNNING"
+    assert row["last_error"] and row["retry_after"] > datetime.now(UTC)
+    assert len(emulator.calls("pause")) == 3
+    emulator.faults.error_rate = 0.0
+    await tick(failing)  # the retry-after is honoured: nothing is claimed again yet
+    assert (await states(store))["flaky-1"] == "RUNNING"
+
+
+async def test_dry_run_calls_nothing_and_records_the_would_be_pauses(
+    pause_settings: Settings, store: Store, channel: Any, emulator: Emulator
+) -> None:
+    idle = ids("dry", 5)
+    await seed(channel, pause_settings, emulator, idle=idle, active=["busy-dry"])
+    dry = pause_settings.model_copy(update={"dry_run": True})
+    await tick(dry)
+    await work(dry)
+    assert emulator.calls() == []
+    rows = await states(store)
+    assert {rows[s] for s in idle} == {"RUNNING"}
+    reasons = [r["reason"] for r in await store.transitions_of(idle[0])]
+    assert reasons[-1] == "dry_run"
+    assert [r["reason"] for r in await store.transitions_of("busy-dry")] == ["created"]
+    await tick(dry)  # parked until new activity: not claimed again
+    assert len(await store.transitions_of(idle[0])) == len(reasons)
+
+
+async def test_kill_switch_stops_claiming_while_ingest_goes_on(
+    pause_settings: Settings, store: Store, channel: Any, emulator: Emulator
+) -> None:
+    await seed(channel, pause_settings, emulator, idle=["ks-1"])
+    await tick(pause_settings.model_copy(update={"auto_pause_enabled": False}))
+    assert (await states(store))["ks-1"] == "RUNNING"
+    tick_row = await store.last_tick()
+    assert tick_row is not None and tick_row["skipped"] == "disabled"
+
+
+async def test_freshness_gate_waits_for_the_events_backlog(
+    pause_settings: Settings, store: Store, channel: Any, emulator: Emulator
+) -> None:
+    await seed(channel, pause_settings, emulator, idle=["fg-1"])
+    await publish(channel, pause_settings, [event("activity", f"other-{i}") for i in range(20)])
+    await tick(pause_settings.model_copy(update={"events_backlog_limit": 10}))
+    assert (await states(store))["fg-1"] == "RUNNING"
+    tick_row = await store.last_tick()
+    assert tick_row is not None and tick_row["skipped"] == "backlog"
+
+
+async def test_storm_breaker_claims_a_share_of_the_fleet_per_tick(
+    pause_settings: Settings, store: Store, channel: Any, emulator: Emulator
+) -> None:
+    await seed(channel, pause_settings, emulator, idle=ids("sb", 50))
+    capped = pause_settings.model_copy(update={"claim_max_share": 0.2, "claim_min_per_tick": 1})
+    await tick(capped)
+    assert Counter((await states(store)).values()) == Counter({"PAUSING": 10, "RUNNING": 40})
+
+
+async def test_an_expired_lease_is_republished_with_the_same_generation(
+    pause_settings: Settings, store: Store, channel: Any, emulator: Emulator
+) -> None:
+    await seed(channel, pause_settings, emulator, idle=["lease-1"])
+    await tick(pause_settings)
+    pause_queue = await channel.get_queue(Names(pause_settings.topology_prefix).pause_queue)
+    await pause_queue.purge()  # the command is lost
+    async with store.pool.acquire() as conn:
+        await conn.execute("UPDATE sandbox_sessions SET claimed_at = now() - interval '1 hour'")
+    await tick(pause_settings)
+    await work(pause_settings)
+    row = await store.get_session("lease-1")
+    assert row is not None and row["state"] == "PAUSED" and row["generation"] == 1
+
+
+async def test_retention_expires_old_paused_sessions(
+    pause_settings: Settings, store: Store, channel: Any, emulator: Emulator
+) -> None:
+    await seed(channel, pause_settings, emulator, idle=["old-1", "new-1"])
+    await tick(pause_settings)
+    await work(pause_settings)
+    async with store.pool.acquire() as conn:
+        await conn.execute("UPDATE sandbox_sessions SET paused_at = now() - interval '31 days' WHERE sandbox_id = 'old-1'")
+    await tick(pause_settings)
+    assert await states(store) == {"old-1": "EXPIRED", "new-1": "PAUSED"}
+
+
+async def test_a_worker_without_a_key_or_the_emulator_refuses_to_start(settings: Settings) -> None:
+    env = isolated_env(settings)
+    proc = await asyncio.create_subprocess_exec(
+        *autopause("run", "worker"), env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 2
+    assert b"no E2B API key" in err and b"--emulator" in err
+
+
+async def test_three_schedulers_and_two_workers_make_one_pause_call_per_idle_sandbox(
+    pause_settings: Settings, store: Store, channel: Any, emulator: Emulator, spawn: Any
+) -> None:
+    idle = ids("multi", 150)
+    await seed(channel, pause_settings, emulator, idle=idle, active=ids("alive", 20))
+    emulator.faults.latency = 0.05
+    env = isolated_env(
+        pause_settings,
+        AUTOPAUSE_E2B_API_URL=emulator.url,
+        AUTOPAUSE_E2B_API_KEY=KEY,
+        AUTOPAUSE_TICK_CRON="* * * * * *",
+        AUTOPAUSE_CLAIM_BATCH_SIZE="20",
+        AUTOPAUSE_CLAIM_MAX_SHARE="0.2",
+    )
+    for _ in range(3):
+        spawn(autopause("run", "scheduler"), env)
+    for _ in range(2):
+        spawn(autopause("run", "worker"), env)
+
+    async def all_paused() -> bool:
+        rows = await states(store)
+        return all(rows[s] == "PAUSED" for s in idle)
+
+    await wait_for(all_paused, timeout=90, what="every idle sandbox paused")
+    per_sandbox = Counter(c.sandbox_id for c in emulator.calls("pause"))
+    assert set(per_sandbox) == set(idle)
+    assert set(per_sandbox.values()) == {1}
+
+
+async def test_a_worker_killed_mid_pause_is_redelivered_and_completes(
+    pause_settings: Settings, store: Store, channel: Any, emulator: Emulator, spawn: Any
+) -> None:
+    await seed(channel, pause_settings, emulator, idle=["crash-1"])
+    await tick(pause_settings)
+    emulator.faults.timeout_rate = 1.0  # the first call hangs: the worker is inside it
+    env = isolated_env(pause_settings, AUTOPAUSE_E2B_API_URL=emulator.url, AUTOPAUSE_E2B_API_KEY=KEY)
+    proc = spawn(autopause("run", "worker"), env)
+
+    async def calling() -> bool:
+        return bool(emulator.calls("pause"))
+
+    await wait_for(calling, timeout=30, what="the worker inside its E2B call")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+    emulator.faults.timeout_rate = 0.0
+    await work(pause_settings)
+    row = await store.get_session("crash-1")
+    assert row is not None and row["state"] == "PAUSED"
+    assert emulator.state_of("crash-1") == "paused"
+    assert len(emulator.calls("pause")) == 2
+
