@@ -125,7 +125,9 @@ async def declare_topology(channel: AbstractChannel, settings: Settings) -> None
     durable: dict[str, Any] = {"durable": True}
     events = await channel.declare_exchange(names.events_exchange, aio_pika.ExchangeType.TOPIC, **durable)
     dlx = await channel.declare_exchange(names.dead_letter_exchange, aio_pika.ExchangeType.DIRECT, **durable)
-    commands = await channel.declare_exchange(names.commands_exchange, aio_pika.ExchangeType.DIRECT, **durable)
+    commands = await channel.declare_exchange(
+        names.commands_exchange, aio_pika.ExchangeType.DIRECT, **durable
+    )
     await channel.declare_exchange(names.lifecycle_exchange, aio_pika.ExchangeType.TOPIC, **durable)
 
     for dlq, key in ((names.events_dlq, "events"), (names.pause_dlq, "pause")):
@@ -167,7 +169,9 @@ async def delete_topology(channel: AbstractChannel, prefix: str) -> None:
         await channel.exchange_delete(exchange)
 
 
-def message(body: bytes, *, message_id: str | None = None, headers: dict[str, Any] | None = None) -> aio_pika.Message:
+def message(
+    body: bytes, *, message_id: str | None = None, headers: dict[str, Any] | None = None
+) -> aio_pika.Message:
     """A persistent JSON message."""
     return aio_pika.Message(
         body,

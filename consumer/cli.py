@@ -110,9 +110,13 @@ class Role(StrEnum):
 def run(
     ctx: typer.Context,
     role: Annotated[Role, typer.Argument(help="which role this process plays")] = Role.ALL,
-    burst: Annotated[bool, typer.Option("--burst", help="ingest/worker: drain the queue, then exit 0")] = False,
+    burst: Annotated[
+        bool, typer.Option("--burst", help="ingest/worker: drain the queue, then exit 0")
+    ] = False,
     once: Annotated[bool, typer.Option("--once", help="scheduler: one tick, then exit")] = False,
-    emulator: Annotated[bool | None, opt("emulator", "worker: pause through the built-in E2B emulator")] = None,
+    emulator: Annotated[
+        bool | None, opt("emulator", "worker: pause through the built-in E2B emulator")
+    ] = None,
     dry_run: Annotated[bool | None, opt("dry_run")] = None,
     auto_pause_enabled: Annotated[bool | None, opt("auto_pause_enabled")] = None,
     tick_cron: Annotated[str | None, opt("tick_cron")] = None,
@@ -173,13 +177,54 @@ def migrate(ctx: typer.Context) -> None:
 @app.command()
 def emulator(
     ctx: typer.Context,
-    host: Annotated[str, typer.Option(envvar="AUTOPAUSE_EMULATOR_HOST", show_envvar=True, help="address to bind")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(envvar="AUTOPAUSE_EMULATOR_PORT", show_envvar=True, help="port to bind")] = 3000,
-    latency: Annotated[float, typer.Option(envvar="AUTOPAUSE_EMULATOR_LATENCY", show_envvar=True, help="seconds added to each answer")] = 0.0,
-    error_rate: Annotated[float, typer.Option(envvar="AUTOPAUSE_EMULATOR_ERROR_RATE", show_envvar=True, help="share of calls answered 5xx")] = 0.0,
-    timeout_rate: Annotated[float, typer.Option(envvar="AUTOPAUSE_EMULATOR_TIMEOUT_RATE", show_envvar=True, help="share of calls that hang")] = 0.0,
-    rate_limit: Annotated[float, typer.Option(envvar="AUTOPAUSE_EMULATOR_RATE_LIMIT", show_envvar=True, help="requests/s above which calls get 429 (0: off)")] = 0.0,
-    strict: Annotated[bool, typer.Option("--strict/--auto-create", envvar="AUTOPAUSE_EMULATOR_STRICT", show_envvar=True, help="unknown sandbox ids answer 404, or are created running")] = False,
+    host: Annotated[
+        str,
+        typer.Option(envvar="AUTOPAUSE_EMULATOR_HOST", show_envvar=True, help="address to bind"),
+    ] = "127.0.0.1",
+    port: Annotated[
+        int, typer.Option(envvar="AUTOPAUSE_EMULATOR_PORT", show_envvar=True, help="port to bind")
+    ] = 3000,
+    latency: Annotated[
+        float,
+        typer.Option(
+            envvar="AUTOPAUSE_EMULATOR_LATENCY",
+            show_envvar=True,
+            help="seconds added to each answer",
+        ),
+    ] = 0.0,
+    error_rate: Annotated[
+        float,
+        typer.Option(
+            envvar="AUTOPAUSE_EMULATOR_ERROR_RATE",
+            show_envvar=True,
+            help="share of calls answered 5xx",
+        ),
+    ] = 0.0,
+    timeout_rate: Annotated[
+        float,
+        typer.Option(
+            envvar="AUTOPAUSE_EMULATOR_TIMEOUT_RATE",
+            show_envvar=True,
+            help="share of calls that hang",
+        ),
+    ] = 0.0,
+    rate_limit: Annotated[
+        float,
+        typer.Option(
+            envvar="AUTOPAUSE_EMULATOR_RATE_LIMIT",
+            show_envvar=True,
+            help="requests/s above which calls get 429 (0: off)",
+        ),
+    ] = 0.0,
+    strict: Annotated[
+        bool,
+        typer.Option(
+            "--strict/--auto-create",
+            envvar="AUTOPAUSE_EMULATOR_STRICT",
+            show_envvar=True,
+            help="unknown sandbox ids answer 404, or are created running",
+        ),
+    ] = False,
 ) -> None:
     """Serve the E2B API emulator (for demos and tests; point AUTOPAUSE_E2B_API_URL at it)."""
     settings_or_exit(ctx)
@@ -200,3 +245,209 @@ def main() -> None:
     except AutopauseError as exc:  # pragma: no cover - commands catch their own
         print(f"autopause: {exc}", file=sys.stderr)
         sys.exit(1)
+
+
+# operator commands ---------------------------------------------------------
+
+sessions_app = typer.Typer(help="Inspect and steer sessions.", no_args_is_help=True)
+dlq_app = typer.Typer(help="Dead letters: look at them, replay them after a fix.", no_args_is_help=True)
+app.add_typer(sessions_app, name="sessions")
+app.add_typer(dlq_app, name="dlq")
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="print JSON instead of a table")]
+
+
+def _json(data: Any) -> str:
+    import orjson
+
+    return orjson.dumps(data, default=str, option=orjson.OPT_INDENT_2).decode()
+
+
+@app.command()
+def status(ctx: typer.Context, as_json: JsonFlag = False) -> None:
+    """Sessions by state, queues and consumers, the last tick, recent pauses, savings."""
+    settings = settings_or_exit(ctx)
+    from consumer import operations, views
+
+    report = run_async(operations.status(settings))
+    typer.echo(_json(report) if as_json else views.status(report))
+
+
+@sessions_app.command("list")
+def sessions_list(
+    ctx: typer.Context,
+    project: Annotated[str | None, typer.Option(help="only this project")] = None,
+    user: Annotated[str | None, typer.Option(help="only this user")] = None,
+    state: Annotated[str | None, typer.Option(help="RUNNING, PAUSING, PAUSED, KILLED or EXPIRED")] = None,
+    idle: Annotated[str | None, typer.Option(help="idle longer than, e.g. 15m, 2h")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=100_000, help="most rows shown")] = 100,
+    as_json: JsonFlag = False,
+) -> None:
+    """List sessions, least recently active first."""
+    settings = settings_or_exit(ctx)
+    from consumer import operations, views
+    from consumer.timing import parse_duration
+
+    idle_for = _duration(idle, parse_duration) if idle else None
+    rows = run_async(
+        operations.list_sessions(
+            settings,
+            project=project,
+            user=user,
+            state=state,
+            idle_longer_than=idle_for,
+            limit=limit,
+        )
+    )
+    typer.echo(_json(rows) if as_json else views.sessions(rows))
+
+
+@sessions_app.command("show")
+def sessions_show(
+    ctx: typer.Context,
+    sandbox: Annotated[str, typer.Argument(help="sandbox id")],
+    as_json: JsonFlag = False,
+) -> None:
+    """One session and its transition history."""
+    settings = settings_or_exit(ctx)
+    from consumer import operations, views
+
+    row, history = run_async(operations.show_session(settings, sandbox))
+    typer.echo(_json({"session": row, "transitions": history}) if as_json else views.session(row, history))
+
+
+@sessions_app.command("pause")
+def sessions_pause(ctx: typer.Context, sandbox: Annotated[str, typer.Argument(help="sandbox id")]) -> None:
+    """Pause a RUNNING sandbox now, through the same command path as the scheduler."""
+    settings = settings_or_exit(ctx)
+    from consumer import operations
+
+    generation = run_async(operations.pause_now(settings, sandbox))
+    typer.echo(f"pause command sent for {sandbox} (generation {generation}); a worker carries it out")
+
+
+@sessions_app.command("keep-alive")
+def sessions_keep_alive(
+    ctx: typer.Context,
+    sandbox: Annotated[str, typer.Argument(help="sandbox id")],
+    duration: Annotated[str, typer.Option("--for", help="how long, e.g. 30m, 2h, 1d")],
+) -> None:
+    """Never pause this sandbox before now + DURATION (a pending pause is cancelled)."""
+    settings = settings_or_exit(ctx)
+    from consumer import operations
+    from consumer.timing import parse_duration
+
+    state, until = run_async(operations.keep_alive(settings, sandbox, _duration(duration, parse_duration)))
+    typer.echo(f"{sandbox} ({state}) will not be paused before {until:%Y-%m-%d %H:%M:%S} UTC")
+
+
+def _duration(text: str, parse: Any) -> Any:
+    try:
+        return parse(text)
+    except ConfigError as exc:
+        typer.echo(f"autopause: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+QueueOpt = Annotated[str, typer.Option("--queue", help="events or pause")]
+
+
+@dlq_app.command("list")
+def dlq_list(
+    ctx: typer.Context,
+    queue: QueueOpt = "events",
+    limit: Annotated[int, typer.Option(min=1, max=10_000, help="most messages shown")] = 50,
+    as_json: JsonFlag = False,
+) -> None:
+    """Show dead letters with their reasons; they stay in the queue."""
+    settings = settings_or_exit(ctx)
+    from consumer import operations, views
+
+    letters = run_async(operations.dlq_list(settings, queue, limit))
+    if as_json:
+        typer.echo(
+            _json([{**letter.__dict__, "body": letter.body.decode("utf-8", "replace")} for letter in letters])
+        )
+    else:
+        typer.echo(views.dead_letters(letters))
+
+
+@dlq_app.command("replay")
+def dlq_replay(
+    ctx: typer.Context,
+    queue: QueueOpt = "events",
+    limit: Annotated[int, typer.Option(min=1, help="most messages replayed")] = 1_000_000,
+) -> None:
+    """Publish dead letters back where they came from, after the producer or the service was fixed."""
+    settings = settings_or_exit(ctx)
+    from consumer import operations
+
+    count = run_async(operations.dlq_replay(settings, queue, limit))
+    typer.echo(f"replayed {count} message(s) from the {queue} dead-letter queue")
+
+
+@app.command()
+def demo(
+    ctx: typer.Context,
+    duration: Annotated[float, typer.Option(min=10, help="seconds of simulated traffic")] = 45,
+    users: Annotated[int, typer.Option(min=1, max=2000, help="simulated users, one sandbox each")] = 40,
+    idle_timeout: Annotated[
+        float, typer.Option(min=2, help="seconds idle before a pause (short, for the demo)")
+    ] = 6,
+) -> None:
+    """The whole pipeline on this machine with the built-in E2B emulator: no E2B account needed.
+
+    Uses its own schema (autopause_demo) and queue names (demo.*), made anew on
+    each run. Exits non-zero if an idle sandbox was not paused or a busy one was.
+    """
+    overrides = dict(ctx.obj or {})
+    overrides["log_level"] = overrides.get("log_level") or "WARNING"
+    ctx.obj = overrides
+    settings = settings_or_exit(ctx)
+    from consumer.demo import run_demo
+
+    code = run_async(
+        run_demo(settings, duration=duration, users=users, idle_timeout=idle_timeout, out=sys.stdout)
+    )
+    raise typer.Exit(code)
+
+
+@app.command()
+def generate(
+    ctx: typer.Context,
+    users: Annotated[int, typer.Option(min=1, max=100_000, help="simulated users, one sandbox each")] = 50,
+    duration: Annotated[float, typer.Option(min=0, help="seconds to run (0: until stopped)")] = 0,
+    idle_share: Annotated[
+        float, typer.Option(min=0, max=1, help="share of users who take long breaks")
+    ] = 0.5,
+    idle_timeout: Annotated[
+        float, opt("default_idle_timeout", "the service's idle timeout, to shape the breaks")
+    ] = 600,
+) -> None:
+    """Publish the events of simulated users to sandbox.events (needs only publish rights there)."""
+    settings = settings_or_exit(ctx)
+    from consumer.traffic import Plan, Traffic
+
+    async def work() -> int:
+        import signal
+
+        from consumer import broker
+
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        if duration:
+            loop.call_later(duration, stop.set)
+        connection = await broker.connect(settings, "generator")
+        async with connection:
+            channel = await connection.channel(publisher_confirms=True)
+            exchange = await channel.get_exchange(
+                broker.Names(settings.topology_prefix).events_exchange, ensure=False
+            )
+            traffic = Traffic(exchange, users, Plan(idle_timeout), idle_share=idle_share)
+            await traffic.run(stop)
+            return traffic.published
+
+    published = run_async(work())
+    typer.echo(f"published {published} events")

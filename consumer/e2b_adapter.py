@@ -153,9 +153,7 @@ class E2BClient:
             if outcome is PauseOutcome.GONE:
                 raise _Gone from None
             # from None: an httpx exception holds the request, with the key in its headers.
-            raise E2BError(
-                self._describe(exc), retryable=outcome is PauseOutcome.RETRYABLE
-            ) from None
+            raise E2BError(self._describe(exc), retryable=outcome is PauseOutcome.RETRYABLE) from None
 
     def _describe(self, exc: BaseException) -> str:
         """A short error text, with the API key scrubbed out."""

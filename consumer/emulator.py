@@ -269,9 +269,7 @@ class Emulator:
         app.router.add_post(f"{ctl}/reset", self._ctl_reset)
         return app
 
-    def _endpoint(
-        self, op: str, answer: Answer
-    ) -> Callable[[web.Request], Awaitable[web.Response]]:
+    def _endpoint(self, op: str, answer: Answer) -> Callable[[web.Request], Awaitable[web.Response]]:
         async def handle(request: web.Request) -> web.Response:
             arrived = self._clock()
             sandbox_id = request.match_info.get("sandbox_id")
@@ -321,9 +319,7 @@ class Emulator:
 
     # -- the E2B API -------------------------------------------------------
 
-    def _new(
-        self, sandbox_id: str, template: str, metadata: dict[str, str], timeout: int
-    ) -> _Sandbox:
+    def _new(self, sandbox_id: str, template: str, metadata: dict[str, str], timeout: int) -> _Sandbox:
         now = datetime.now(UTC)
         self._seq += 1
         box = _Sandbox(
@@ -454,11 +450,7 @@ class Emulator:
         if "running" in states:  # counted before pagination, as the spec says
             headers["X-Total-Running"] = str(sum(box.state == "running" for box in matches))
         if cursor is not None:
-            matches = [
-                box
-                for box in matches
-                if (box.seq < cursor if order == "desc" else box.seq > cursor)
-            ]
+            matches = [box for box in matches if (box.seq < cursor if order == "desc" else box.seq > cursor)]
         page = matches[:limit]
         if len(matches) > limit:
             headers["X-Next-Token"] = _encode_token(page[-1].seq)

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from aio_pika.exceptions import AMQPError
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
+from aio_pika.exceptions import AMQPError
 from pydantic import ValidationError
 
 from consumer import metrics
@@ -203,7 +203,11 @@ class Ingest:
                 metrics.EVENTS_REJECTED.labels(rejected.reason).inc()
                 log.warning(
                     "event rejected",
-                    extra={"action": "ingest.reject", "reason": rejected.reason, "detail": rejected.detail},
+                    extra={
+                        "action": "ingest.reject",
+                        "reason": rejected.reason,
+                        "detail": rejected.detail,
+                    },
                 )
         await _ack(batch.messages)
         metrics.BATCH_SIZE.observe(len(batch))

@@ -4,23 +4,15 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-EVENTS_INGESTED = Counter(
-    "autopause_events_ingested_total", "Events applied to the session table", ["type"]
-)
-EVENTS_REJECTED = Counter(
-    "autopause_events_rejected_total", "Events dead-lettered as invalid", ["reason"]
-)
-EVENTS_STALE = Counter(
-    "autopause_events_stale_total", "Activity for sandboxes already KILLED or EXPIRED"
-)
+EVENTS_INGESTED = Counter("autopause_events_ingested_total", "Events applied to the session table", ["type"])
+EVENTS_REJECTED = Counter("autopause_events_rejected_total", "Events dead-lettered as invalid", ["reason"])
+EVENTS_STALE = Counter("autopause_events_stale_total", "Activity for sandboxes already KILLED or EXPIRED")
 BATCH_SIZE = Histogram(
     "autopause_ingest_batch_size",
     "Events per ingest transaction",
     buckets=(1, 5, 10, 50, 100, 250, 500, 1000, 2500, 5000),
 )
-BATCH_SECONDS = Histogram(
-    "autopause_ingest_batch_seconds", "Time to write one ingest batch to Postgres"
-)
+BATCH_SECONDS = Histogram("autopause_ingest_batch_seconds", "Time to write one ingest batch to Postgres")
 INGEST_LAG = Histogram(
     "autopause_ingest_lag_seconds",
     "now - occurred_at when an event is committed",

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from importlib import resources
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 
 from consumer.errors import ConfigError
 
@@ -36,7 +37,9 @@ def bundled_migrations() -> list[Migration]:
     return found
 
 
-async def migrate(connection: asyncpg.Connection, schema: str) -> list[int]:
+async def migrate(
+    connection: asyncpg.Connection | PoolConnectionProxy[asyncpg.Record], schema: str
+) -> list[int]:
     """Apply the pending migrations to ``schema``; return the versions applied.
 
     A session-level advisory lock serialises replicas that start together: the
@@ -65,7 +68,10 @@ async def migrate(connection: asyncpg.Connection, schema: str) -> list[int]:
                     migration.version,
                     migration.name,
                 )
-            log.info("migration applied", extra={"action": "migrate.applied", "version": migration.version})
+            log.info(
+                "migration applied",
+                extra={"action": "migrate.applied", "version": migration.version},
+            )
             applied.append(migration.version)
         return applied
     finally:

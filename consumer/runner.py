@@ -68,19 +68,29 @@ def check_e2b(settings: Settings, roles: set[str]) -> None:
         )
 
 
-async def run(settings: Settings, roles: set[str], *, burst: bool = False, once: bool = False) -> int:
-    """Run ``roles`` in this process until a signal (or, with burst/once, until their work is done)."""
+async def run(
+    settings: Settings,
+    roles: set[str],
+    *,
+    burst: bool = False,
+    once: bool = False,
+    stop: asyncio.Event | None = None,
+) -> int:
+    """Run ``roles`` in this process until a signal or ``stop`` (or, with burst/once, until done)."""
     check_e2b(settings, roles)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    if stop is None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
 
     state = health.Health()
     store = await _retry(
         "PostgreSQL",
         lambda: Store.connect(
-            settings.database_url.get_secret_value(), settings.database_schema, size=settings.db_pool_size
+            settings.database_url.get_secret_value(),
+            settings.database_schema,
+            size=settings.db_pool_size,
         ),
     )
     emulator: Emulator | None = None
@@ -137,7 +147,13 @@ async def _supervise(
         scheduler = Scheduler(services.settings, services.store, services.connection, services.health)
         tasks[asyncio.create_task(scheduler.run(stop, once=once), name="scheduler")] = "scheduler"
     if "worker" in roles:
-        worker = Worker(services.settings, services.store, services.connection, services.health, services.e2b_url)
+        worker = Worker(
+            services.settings,
+            services.store,
+            services.connection,
+            services.health,
+            services.e2b_url,
+        )
         tasks[asyncio.create_task(worker.run(stop, burst=burst), name="worker")] = "worker"
 
     code = 0

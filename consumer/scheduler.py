@@ -28,7 +28,7 @@ from consumer.errors import StoreUnavailable
 from consumer.health import Health
 from consumer.settings import Settings
 from consumer.store import Claim, Store
-from consumer.timing import next_ticks
+from consumer.timing import iter_ticks
 from schemas import PauseCommand
 
 log = logging.getLogger(__name__)
@@ -54,8 +54,14 @@ def scheduled_time(spec: str, now: datetime, tolerance: timedelta = timedelta(se
     aiocron wakes a little after the scheduled second; every replica rounds to
     the same fire time, which then deduplicates the tick in Postgres.
     """
-    candidates = next_ticks(spec, now - tolerance, count=3)
-    return min(candidates, key=lambda t: abs((t - now).total_seconds()))
+    best: datetime | None = None
+    for fire in iter_ticks(spec, now - tolerance):
+        if best is None or abs(fire - now) < abs(best - now):
+            best = fire
+        if fire > now:
+            break
+    assert best is not None
+    return best
 
 
 def pause_command(claim: Claim, reason: str) -> tuple[str, bytes, str]:
@@ -107,7 +113,10 @@ class Scheduler:
             await channel.close()
             return
         cron = aiocron.Cron(self.settings.tick_cron, self._fire, start=True, tz=UTC)
-        log.info("scheduler started", extra={"action": "scheduler.start", "cron": self.settings.tick_cron})
+        log.info(
+            "scheduler started",
+            extra={"action": "scheduler.start", "cron": self.settings.tick_cron},
+        )
         try:
             while not stop.is_set():
                 self.health.beat("scheduler")
@@ -145,7 +154,11 @@ class Scheduler:
         metrics.TICK_SECONDS.observe(time.perf_counter() - started)
         self.health.beat("scheduler")
         level = logging.ERROR if result.error else logging.INFO
-        log.log(level, "tick", extra={"action": "scheduler.tick", "tick_at": tick_at.isoformat(), **result.__dict__})
+        log.log(
+            level,
+            "tick",
+            extra={"action": "scheduler.tick", "tick_at": tick_at.isoformat(), **result.__dict__},
+        )
         return result
 
     async def _tick(self, tick_at: datetime) -> TickResult:
@@ -169,7 +182,9 @@ class Scheduler:
         assert self.exchange is not None
         settings = self.settings
         republished = 0
-        while renewed := await self.store.renew_expired_leases(settings.pause_lease, settings.claim_batch_size):
+        while renewed := await self.store.renew_expired_leases(
+            settings.pause_lease, settings.claim_batch_size
+        ):
             await publish_commands(self.exchange, renewed, "lease_expired")
             republished += len(renewed)
             metrics.CLAIMS.labels("lease_expired").inc(len(renewed))

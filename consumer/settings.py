@@ -65,9 +65,7 @@ class Settings(BaseSettings):
     )
 
     # connections
-    amqp_url: SecretStr = Field(
-        SecretStr("amqp://guest:guest@127.0.0.1:5672/"), description="RabbitMQ URL"
-    )
+    amqp_url: SecretStr = Field(SecretStr("amqp://guest:guest@127.0.0.1:5672/"), description="RabbitMQ URL")
     database_url: SecretStr = Field(
         SecretStr("postgresql://postgres@127.0.0.1:5432/test"), description="PostgreSQL URL"
     )
@@ -96,9 +94,7 @@ class Settings(BaseSettings):
         0.1, gt=0, le=1, description="largest share of the running fleet one tick may claim"
     )
     claim_hard_cap: int = Field(10_000, ge=1, description="most claims in one tick")
-    claim_min_per_tick: int = Field(
-        10, ge=0, description="a small fleet may always lose this many per tick"
-    )
+    claim_min_per_tick: int = Field(10, ge=0, description="a small fleet may always lose this many per tick")
     events_backlog_limit: int = Field(
         10_000, ge=0, description="the tick claims nothing while more events wait"
     )

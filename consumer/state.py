@@ -19,6 +19,7 @@ from uuid import UUID
 
 from schemas import SandboxActivity, SandboxCreated, SandboxKilled
 
+
 class State(StrEnum):
     RUNNING = "RUNNING"
     PAUSING = "PAUSING"
@@ -160,9 +161,7 @@ def apply(current: Session | None, delta: Delta, default_timeout: timedelta) -> 
     new_state, reason = _next_state(row, delta)
     stale = delta.activity_count if row.state in TERMINAL and new_state is None else 0
     if new_state is not None:
-        transitions.append(
-            Transition(row.sandbox_id, row.state, new_state, reason, row.generation)
-        )
+        transitions.append(Transition(row.sandbox_id, row.state, new_state, reason, row.generation))
         # only a PAUSING row has a claim; leaving it drops the claim
         row = dataclasses.replace(row, state=new_state, claimed_activity=None)
     if delta.killed_at is not None:
@@ -182,9 +181,7 @@ def _next_state(row: Session, delta: Delta) -> tuple[State | None, str]:
         row.claimed_activity is None or delta.last_activity > row.claimed_activity
     ):
         return State.RUNNING, "activity_during_pause"
-    if row.state is State.PAUSED and (
-        row.paused_at is None or delta.last_activity > row.paused_at
-    ):
+    if row.state is State.PAUSED and (row.paused_at is None or delta.last_activity > row.paused_at):
         return State.RUNNING, "resumed"
     return None, ""
 
@@ -202,9 +199,7 @@ def _with_due(before: Session, row: Session, default_timeout: timedelta) -> Sess
     )
     if not moved:
         return row
-    timeout = (
-        timedelta(seconds=row.idle_timeout_s) if row.idle_timeout_s is not None else default_timeout
-    )
+    timeout = timedelta(seconds=row.idle_timeout_s) if row.idle_timeout_s is not None else default_timeout
     due = pause_due(row.last_activity, timeout, row.keep_alive_until, row.retry_after)
     return dataclasses.replace(row, pause_due_at=due)
 
@@ -240,9 +235,7 @@ def _created_key(at: datetime, event_id: UUID) -> tuple[datetime, str]:
     return at, str(event_id)
 
 
-def _earliest_created(
-    a: SandboxCreated | None, b: SandboxCreated | None
-) -> SandboxCreated | None:
+def _earliest_created(a: SandboxCreated | None, b: SandboxCreated | None) -> SandboxCreated | None:
     if a is None or b is None:
         return a or b
     return min(a, b, key=lambda c: _created_key(c.occurred_at, c.event_id))

@@ -13,15 +13,18 @@ from dataclasses import dataclass
 from datetime import datetime
 from functools import cache
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import orjson
+from asyncpg.pool import PoolConnectionProxy
 
 from consumer.errors import StoreUnavailable
 from consumer.migrate import migrate
 from consumer.state import Applied, Delta, Session, State, Transition
 
+if TYPE_CHECKING:
+    Connection = PoolConnectionProxy[asyncpg.Record]
 _BLOCK = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 
 # What "the database is down or restarting" looks like from asyncpg.
@@ -134,7 +137,7 @@ class Store:
         await self.pool.close()
 
     @asynccontextmanager
-    async def _conn(self) -> AsyncIterator[asyncpg.Connection]:
+    async def _conn(self) -> AsyncIterator[Connection]:
         try:
             async with self.pool.acquire() as conn:
                 yield conn
@@ -184,9 +187,7 @@ class Store:
             await self._log(conn, transitions, "ingest")
         return BatchOutcome(len(deltas), tuple(transitions), stale)
 
-    async def _log(
-        self, conn: asyncpg.Connection, transitions: Iterable[Transition], actor: str
-    ) -> None:
+    async def _log(self, conn: Connection, transitions: Iterable[Transition], actor: str) -> None:
         items = list(transitions)
         if not items:
             return
@@ -322,9 +323,7 @@ class Store:
     ) -> list[asyncpg.Record]:
         async with self._conn() as conn:
             return list(
-                await conn.fetch(
-                    queries()["list_sessions"], project, user, state, idle_longer_than, limit
-                )
+                await conn.fetch(queries()["list_sessions"], project, user, state, idle_longer_than, limit)
             )
 
     async def count_by_state(self) -> dict[str, int]:

@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import TypeVar
 
 from aio_pika.abc import AbstractExchange, AbstractIncomingMessage, AbstractRobustConnection
@@ -102,7 +103,10 @@ class Worker:
         await channel.set_qos(prefetch_count=self.settings.worker_concurrency)
         queue = await channel.get_queue(self.names.pause_queue)
         self.lifecycle = await channel.get_exchange(self.names.lifecycle_exchange)
-        tag = await queue.consume(self._on_message, consumer_tag=f"{connection_name('worker').replace(' ', '-')}-{id(self):x}")
+        tag = await queue.consume(
+            self._on_message,
+            consumer_tag=f"{connection_name('worker').replace(' ', '-')}-{id(self):x}",
+        )
         self.health.set("consuming", True)
         log.info("worker consuming", extra={"action": "worker.start", "dry_run": self.settings.dry_run})
         try:
@@ -155,13 +159,19 @@ class Worker:
             command = COMMAND_ADAPTER.validate_json(msg.body)
         except ValidationError as exc:
             metrics.COMMANDS_DROPPED.labels("invalid").inc()
-            log.warning("invalid pause command", extra={"action": "worker.invalid", "error": str(exc.errors()[0]["msg"])})
+            log.warning(
+                "invalid pause command",
+                extra={"action": "worker.invalid", "error": str(exc.errors()[0]["msg"])},
+            )
             await msg.reject(requeue=False)
             return
         try:
             finished = await self._pause(command)
         except (*UNAVAILABLE, AMQPError) as exc:
-            log.error("broker lost during a pause", extra={"action": "worker.broker_lost", "error": str(exc)})
+            log.error(
+                "broker lost during a pause",
+                extra={"action": "worker.broker_lost", "error": str(exc)},
+            )
             return  # unacked: redelivered after the reconnect
         if finished:
             with contextlib.suppress(*UNAVAILABLE, AMQPError):
@@ -192,10 +202,19 @@ class Worker:
                 return False
             if not backed:
                 metrics.COMMANDS_DROPPED.labels("not_backed" if attempt == 1 else "superseded").inc()
-                log.info("command not backed by its row, dropped", extra={"action": "worker.drop", "sandbox_id": claim.sandbox_id, "generation": claim.generation})
+                log.info(
+                    "command not backed by its row, dropped",
+                    extra={
+                        "action": "worker.drop",
+                        "sandbox_id": claim.sandbox_id,
+                        "generation": claim.generation,
+                    },
+                )
                 return True
             if settings.dry_run:
-                return await self._finish(claim, Decision(State.RUNNING, "dry_run", "sandbox.paused"), attempt, None)
+                return await self._finish(
+                    claim, Decision(State.RUNNING, "dry_run", "sandbox.paused"), attempt, None
+                )
             waited = await self.bucket.take()
             metrics.RATE_LIMIT_WAIT.observe(waited)
             result = await self.client.pause(claim.sandbox_id)
@@ -204,8 +223,12 @@ class Worker:
             decision = decide(result, attempt, settings.pause_max_attempts)
             if decision.to_state is not None:
                 return await self._finish(claim, decision, attempt, result.error)
-            error = result.error or "retryable"
-            if await self._store(lambda: self.store.record_attempt(claim, attempt, error)) is None:
+            if (
+                await self._store(
+                    partial(self.store.record_attempt, claim, attempt, result.error or "retryable")
+                )
+                is None
+            ):
                 return False
             delay = backoff_delay(attempt, settings.retry_base_delay, settings.retry_max_delay)
             with contextlib.suppress(TimeoutError):
@@ -227,7 +250,13 @@ class Worker:
 
         async def write() -> bool:
             return await self.store.finish_pause(
-                claim, to_state, decision.reason, attempts=attempts, error=error, retry_after=retry_after, due_at=due_at
+                claim,
+                to_state,
+                decision.reason,
+                attempts=attempts,
+                error=error,
+                retry_after=retry_after,
+                due_at=due_at,
             )
 
         moved = await self._store(write)
@@ -238,7 +267,12 @@ class Worker:
             metrics.TRANSITIONS.labels("worker", to_state.value, decision.reason).inc()
         log.info(
             "pause finished",
-            extra={"action": "worker.finish", "sandbox_id": claim.sandbox_id, "result": decision.reason, "row_moved": moved},
+            extra={
+                "action": "worker.finish",
+                "sandbox_id": claim.sandbox_id,
+                "result": decision.reason,
+                "row_moved": moved,
+            },
         )
         if decision.outcome_type is not None:
             await self._announce(claim, decision.outcome_type, error)
@@ -257,6 +291,11 @@ class Worker:
             error=error[:500] if error else None,
         )
         try:
-            await self.lifecycle.publish(message(outcome.model_dump_json().encode()), routing_key=outcome_type)
+            await self.lifecycle.publish(
+                message(outcome.model_dump_json().encode()), routing_key=outcome_type
+            )
         except (*UNAVAILABLE, AMQPError) as exc:
-            log.warning("outcome not published", extra={"action": "worker.announce_failed", "error": str(exc)})
+            log.warning(
+                "outcome not published",
+                extra={"action": "worker.announce_failed", "error": str(exc)},
+            )

@@ -100,13 +100,9 @@ class SandboxKilled(Envelope):
     reason: Annotated[str, StringConstraints(max_length=200)] | None = None
 
 
-SandboxEvent = Annotated[
-    SandboxCreated | SandboxActivity | SandboxKilled, Field(discriminator="type")
-]
+SandboxEvent = Annotated[SandboxCreated | SandboxActivity | SandboxKilled, Field(discriminator="type")]
 EVENT_TYPES: tuple[str, ...] = ("sandbox.created", "sandbox.activity", "sandbox.killed")
-EVENT_ADAPTER: TypeAdapter[SandboxCreated | SandboxActivity | SandboxKilled] = TypeAdapter(
-    SandboxEvent
-)
+EVENT_ADAPTER: TypeAdapter[SandboxCreated | SandboxActivity | SandboxKilled] = TypeAdapter(SandboxEvent)
 
 
 class PauseCommand(Contract):

@@ -126,7 +126,10 @@ def event(kind: str, sandbox_id: str, *, at: datetime | None = None, **fields: A
 
 
 async def publish(
-    channel: aio_pika.abc.AbstractChannel, settings: Settings, bodies: list[dict[str, Any] | bytes], routing_key: str | None = None
+    channel: aio_pika.abc.AbstractChannel,
+    settings: Settings,
+    bodies: list[dict[str, Any] | bytes],
+    routing_key: str | None = None,
 ) -> None:
     """Publish events (dicts, or raw bytes for invalid ones) to sandbox.events with confirms."""
     exchange = await channel.get_exchange(Names(settings.topology_prefix).events_exchange)

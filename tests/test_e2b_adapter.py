@@ -76,9 +76,7 @@ async def test_unknown_and_missing_are_gone(emulator: Emulator, client: E2BClien
     assert emulator.state_of("hidden") == "running"
 
 
-async def test_rate_limited_is_retryable_and_sent_once(
-    emulator: Emulator, client: E2BClient
-) -> None:
+async def test_rate_limited_is_retryable_and_sent_once(emulator: Emulator, client: E2BClient) -> None:
     emulator.add_sandbox("a")
     emulator.add_sandbox("b")
     emulator.faults.rate_limit = 1
@@ -90,9 +88,7 @@ async def test_rate_limited_is_retryable_and_sent_once(
     assert emulator.state_of("b") == "running"
 
 
-async def test_server_errors_are_retryable_and_sent_once(
-    emulator: Emulator, client: E2BClient
-) -> None:
+async def test_server_errors_are_retryable_and_sent_once(emulator: Emulator, client: E2BClient) -> None:
     emulator.add_sandbox("sbx")
     emulator.faults.error_rate = 1.0
     results = [await client.pause("sbx") for _ in range(8)]
@@ -204,7 +200,7 @@ async def test_concurrent_pauses_are_each_one_request() -> None:
         (SandboxNotFoundException("x"), PauseOutcome.GONE),
         (SandboxException("404: gone", status_code=404), PauseOutcome.GONE),
         (AuthenticationException("401"), PauseOutcome.FAILED),
-        (RateLimitException("429"), PauseOutcome.RETRYABLE),
+        (RateLimitException("429"), PauseOutcome.RETRYABLE),  # type: ignore[no-untyped-call]
         (ServiceBusyException("503"), PauseOutcome.RETRYABLE),
         (SandboxException("500: boom", status_code=500), PauseOutcome.RETRYABLE),
         (SandboxException("502: bad gateway", status_code=502), PauseOutcome.RETRYABLE),

@@ -82,9 +82,7 @@ async def test_only_the_configured_key_is_accepted(http: aiohttp.ClientSession) 
     assert (wrong, right) == (401, 200)
 
 
-async def test_pause_answers_the_spec_codes(
-    emulator: Emulator, http: aiohttp.ClientSession
-) -> None:
+async def test_pause_answers_the_spec_codes(emulator: Emulator, http: aiohttp.ClientSession) -> None:
     emulator.add_sandbox("sbx")
     emulator.add_sandbox("hidden")
     emulator.faults.missing.add("hidden")
@@ -254,9 +252,7 @@ async def test_latency_delays_every_answer(emulator: Emulator, http: aiohttp.Cli
     emulator.add_sandbox("sbx")
     emulator.faults.latency = 0.2
     started = time.monotonic()
-    await asyncio.gather(
-        *(request(http, "GET", f"{emulator.url}/sandboxes/sbx") for _ in range(10))
-    )
+    await asyncio.gather(*(request(http, "GET", f"{emulator.url}/sandboxes/sbx") for _ in range(10)))
     elapsed = time.monotonic() - started
     assert 0.2 <= elapsed < 2.0  # concurrent, not one after another
 

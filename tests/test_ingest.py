@@ -80,7 +80,10 @@ INVALID: list[tuple[bytes, str]] = [
     (orjson.dumps({**event("activity", "sbx-1"), "extra": 1}), "invalid_event"),
     (orjson.dumps(event("activity", "Robert'); DROP TABLE sandbox_sessions;--")), "invalid_event"),
     (orjson.dumps(event("activity", "sbx-1", at=ago(-86_400))), "invalid_event"),
-    (orjson.dumps({**event("activity", "sbx-1"), "occurred_at": "2026-01-01T00:00:00"}), "invalid_event"),
+    (
+        orjson.dumps({**event("activity", "sbx-1"), "occurred_at": "2026-01-01T00:00:00"}),
+        "invalid_event",
+    ),
     (orjson.dumps({**event("created", "sbx-1"), "metadata": {"k": "v" * 20_000}}), "too_large"),
 ]
 
@@ -162,7 +165,9 @@ async def test_sigterm_exits_zero_and_loses_nothing(
     names = Names(settings.topology_prefix)
     assert await queue_ready(channel, names.events_dlq) == 0
     # what the stopped process did not take is still queued; a second run finishes it
-    again = subprocess.run(autopause("run", "ingest", "--burst"), env=env, timeout=120, capture_output=True)
+    again = await asyncio.to_thread(
+        subprocess.run, autopause("run", "ingest", "--burst"), env=env, timeout=120, capture_output=True
+    )
     assert again.returncode == 0, again.stdout
     assert await rows_of(store) == expected_rows(events)
 
@@ -213,4 +218,3 @@ def test_invalid_settings_fail_at_start_naming_the_setting() -> None:
     assert result.returncode == 2
     assert "AUTOPAUSE_BATCH_SIZE" in result.stderr
     assert "Traceback" not in result.stderr
-

@@ -120,10 +120,16 @@ async def test_forged_or_stale_commands_never_reach_e2b(
     exchange = await channel.get_exchange(Names(pause_settings.topology_prefix).commands_exchange)
     for generation in (0 + 1, 7):
         command = PauseCommand(
-            command_id=uuid.uuid4(), sandbox_id="inuse-1", generation=generation, issued_at=datetime.now(UTC)
+            command_id=uuid.uuid4(),
+            sandbox_id="inuse-1",
+            generation=generation,
+            issued_at=datetime.now(UTC),
         )
         await exchange.publish(message(command.model_dump_json().encode()), routing_key=PAUSE_ROUTING_KEY)
-    await exchange.publish(message(b'{"type": "sandbox.pause", "sandbox_id": "inuse-1"}'), routing_key=PAUSE_ROUTING_KEY)
+    await exchange.publish(
+        message(b'{"type": "sandbox.pause", "sandbox_id": "inuse-1"}'),
+        routing_key=PAUSE_ROUTING_KEY,
+    )
     await work(pause_settings)
     assert emulator.calls() == []
     assert (await states(store))["inuse-1"] == "RUNNING"
@@ -249,7 +255,9 @@ async def test_retention_expires_old_paused_sessions(
     await tick(pause_settings)
     await work(pause_settings)
     async with store.pool.acquire() as conn:
-        await conn.execute("UPDATE sandbox_sessions SET paused_at = now() - interval '31 days' WHERE sandbox_id = 'old-1'")
+        await conn.execute(
+            "UPDATE sandbox_sessions SET paused_at = now() - interval '31 days' WHERE sandbox_id = 'old-1'"
+        )
     await tick(pause_settings)
     assert await states(store) == {"old-1": "EXPIRED", "new-1": "PAUSED"}
 
@@ -257,7 +265,10 @@ async def test_retention_expires_old_paused_sessions(
 async def test_a_worker_without_a_key_or_the_emulator_refuses_to_start(settings: Settings) -> None:
     env = isolated_env(settings)
     proc = await asyncio.create_subprocess_exec(
-        *autopause("run", "worker"), env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        *autopause("run", "worker"),
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     _, err = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode == 2
@@ -314,4 +325,3 @@ async def test_a_worker_killed_mid_pause_is_redelivered_and_completes(
     assert row is not None and row["state"] == "PAUSED"
     assert emulator.state_of("crash-1") == "paused"
     assert len(emulator.calls("pause")) == 2
-

@@ -30,7 +30,10 @@ def created(sid: str = "sbx-1", at: int = 0, n: int = 1, timeout: int | None = N
 
 def activity(sid: str = "sbx-1", at: int = 0, n: int = 1000) -> SandboxActivity:
     return SandboxActivity(
-        event_id=UUID(int=n), occurred_at=T0 + timedelta(seconds=at), sandbox_id=sid, source="terminal"
+        event_id=UUID(int=n),
+        occurred_at=T0 + timedelta(seconds=at),
+        sandbox_id=sid,
+        source="terminal",
     )
 
 

@@ -149,11 +149,21 @@ UPDATE sandbox_sessions SET pause_attempts = $3, last_error = $4, updated_at = n
 WHERE sandbox_id = $1 AND state = 'PAUSING' AND generation = $2;
 
 -- name: keep_alive
-WITH kept AS (
-    UPDATE sandbox_sessions
-    SET keep_alive_until = $2, pause_due_at = GREATEST(pause_due_at, $2), updated_at = now()
-    WHERE sandbox_id = $1
-    RETURNING sandbox_id, state
+-- A pending pause is cancelled too: the worker's compare-and-set then finds RUNNING.
+WITH old AS (
+    SELECT sandbox_id, state FROM sandbox_sessions WHERE sandbox_id = $1 FOR UPDATE
+), kept AS (
+    UPDATE sandbox_sessions AS s
+    SET keep_alive_until = $2, pause_due_at = GREATEST(s.pause_due_at, $2),
+        state = CASE WHEN s.state = 'PAUSING' THEN 'RUNNING' ELSE s.state END,
+        claimed_activity = CASE WHEN s.state = 'PAUSING' THEN NULL ELSE s.claimed_activity END,
+        updated_at = now()
+    FROM old WHERE s.sandbox_id = old.sandbox_id
+    RETURNING s.sandbox_id, s.state, s.generation, old.state AS old_state
+), logged AS (
+    INSERT INTO session_transitions (sandbox_id, from_state, to_state, reason, actor, generation)
+    SELECT sandbox_id, old_state, state, 'keep_alive', 'cli', generation FROM kept
+    WHERE old_state <> state
 )
 SELECT state FROM kept;
 
