@@ -16,7 +16,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from consumer.errors import AutopauseError, ConfigError
-from consumer.settings import Settings, env_name, load_settings
+from consumer.settings import ENV_PREFIX, Settings, env_name, load_settings
 
 T = TypeVar("T")
 
@@ -39,6 +39,11 @@ def opt(field: str, help_text: str | None = None, **extra: Any) -> Any:
         show_default=False,
         **extra,
     )
+
+
+def env_option(name: str, help_text: str, *decls: str, **extra: Any) -> Any:
+    """An option outside Settings, still with its AUTOPAUSE_ environment twin."""
+    return typer.Option(*decls, envvar=ENV_PREFIX + name, show_envvar=True, help=help_text, **extra)
 
 
 def settings_from(ctx: typer.Context, **overrides: Any) -> Settings:
@@ -179,11 +184,9 @@ def emulator(
     ctx: typer.Context,
     host: Annotated[
         str,
-        typer.Option(envvar="AUTOPAUSE_EMULATOR_HOST", show_envvar=True, help="address to bind"),
+        env_option("EMULATOR_HOST", "address to bind"),
     ] = "127.0.0.1",
-    port: Annotated[
-        int, typer.Option(envvar="AUTOPAUSE_EMULATOR_PORT", show_envvar=True, help="port to bind")
-    ] = 3000,
+    port: Annotated[int, env_option("EMULATOR_PORT", "port to bind")] = 3000,
     latency: Annotated[
         float,
         typer.Option(
@@ -389,10 +392,10 @@ def dlq_replay(
 @app.command()
 def demo(
     ctx: typer.Context,
-    duration: Annotated[float, typer.Option(min=10, help="seconds of simulated traffic")] = 45,
-    users: Annotated[int, typer.Option(min=1, max=2000, help="simulated users, one sandbox each")] = 40,
+    duration: Annotated[float, env_option("DEMO_DURATION", "seconds of simulated traffic", min=10)] = 45,
+    users: Annotated[int, env_option("DEMO_USERS", "simulated users, one sandbox each", min=1, max=2000)] = 40,
     idle_timeout: Annotated[
-        float, typer.Option(min=2, help="seconds idle before a pause (short, for the demo)")
+        float, env_option("DEMO_IDLE_TIMEOUT", "seconds idle before a pause (short, for the demo)", min=2)
     ] = 6,
 ) -> None:
     """The whole pipeline on this machine with the built-in E2B emulator: no E2B account needed.
@@ -415,10 +418,10 @@ def demo(
 @app.command()
 def generate(
     ctx: typer.Context,
-    users: Annotated[int, typer.Option(min=1, max=100_000, help="simulated users, one sandbox each")] = 50,
-    duration: Annotated[float, typer.Option(min=0, help="seconds to run (0: until stopped)")] = 0,
+    users: Annotated[int, env_option("GENERATE_USERS", "simulated users, one sandbox each", min=1)] = 50,
+    duration: Annotated[float, env_option("GENERATE_DURATION", "seconds to run (0: until stopped)", min=0)] = 0,
     idle_share: Annotated[
-        float, typer.Option(min=0, max=1, help="share of users who take long breaks")
+        float, env_option("GENERATE_IDLE_SHARE", "share of users who take long breaks", min=0, max=1)
     ] = 0.5,
     idle_timeout: Annotated[
         float, opt("default_idle_timeout", "the service's idle timeout, to shape the breaks")
