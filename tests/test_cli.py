@@ -119,7 +119,8 @@ async def test_keep_alive_keeps_a_sandbox_out_of_the_tick(seeded: Settings, stor
     # without the keep-alive the same tick claims it
     async with store.pool.acquire() as conn:
         await conn.execute(
-            "UPDATE sandbox_sessions SET keep_alive_until = NULL, pause_due_at = now() WHERE sandbox_id = 'sbx-idle'"
+            "UPDATE sandbox_sessions SET keep_alive_until = NULL, pause_due_at = now()"
+            " WHERE sandbox_id = 'sbx-idle'"
         )
     await cli(seeded, "run", "scheduler", "--once")
     row = await store.get_session("sbx-idle")
