@@ -63,3 +63,26 @@ def test_clock_skew_allowance_is_taken_from_the_context() -> None:
     assert isinstance(EVENT_ADAPTER.validate_json(body, context={"now": now}), SandboxCreated)
     with pytest.raises(ValidationError, match="future"):
         EVENT_ADAPTER.validate_json(body, context={"now": now, "clock_skew": timedelta(seconds=30)})
+
+
+def test_the_readme_documents_every_setting() -> None:
+    from pathlib import Path
+
+    from consumer.settings import Settings, env_name
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    missing = [env_name(name) for name in Settings.model_fields if f"`{env_name(name)}`" not in readme]
+    assert missing == []
+
+
+def test_the_readme_examples_are_valid_events() -> None:
+    import json
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    examples = [json.loads(block) for block in re.findall(r"```json\n(.*?)```", readme, re.S)]
+    assert {e["type"] for e in examples} == {"sandbox.created", "sandbox.activity", "sandbox.killed"}
+    for example in examples:
+        at = datetime.fromisoformat(example["occurred_at"])
+        EVENT_ADAPTER.validate_json(json.dumps(example), context={"now": at})

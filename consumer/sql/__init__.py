@@ -1,0 +1,1 @@
+"""Named SQL blocks, loaded by consumer.store."""
