@@ -182,50 +182,20 @@ def migrate(ctx: typer.Context) -> None:
 @app.command()
 def emulator(
     ctx: typer.Context,
-    host: Annotated[
-        str,
-        env_option("EMULATOR_HOST", "address to bind"),
-    ] = "127.0.0.1",
+    host: Annotated[str, env_option("EMULATOR_HOST", "address to bind")] = "127.0.0.1",
     port: Annotated[int, env_option("EMULATOR_PORT", "port to bind")] = 3000,
-    latency: Annotated[
-        float,
-        typer.Option(
-            envvar="AUTOPAUSE_EMULATOR_LATENCY",
-            show_envvar=True,
-            help="seconds added to each answer",
-        ),
-    ] = 0.0,
-    error_rate: Annotated[
-        float,
-        typer.Option(
-            envvar="AUTOPAUSE_EMULATOR_ERROR_RATE",
-            show_envvar=True,
-            help="share of calls answered 5xx",
-        ),
-    ] = 0.0,
-    timeout_rate: Annotated[
-        float,
-        typer.Option(
-            envvar="AUTOPAUSE_EMULATOR_TIMEOUT_RATE",
-            show_envvar=True,
-            help="share of calls that hang",
-        ),
-    ] = 0.0,
+    latency: Annotated[float, env_option("EMULATOR_LATENCY", "seconds added to each answer")] = 0.0,
+    error_rate: Annotated[float, env_option("EMULATOR_ERROR_RATE", "share of calls answered 5xx")] = 0.0,
+    timeout_rate: Annotated[float, env_option("EMULATOR_TIMEOUT_RATE", "share of calls that hang")] = 0.0,
     rate_limit: Annotated[
-        float,
-        typer.Option(
-            envvar="AUTOPAUSE_EMULATOR_RATE_LIMIT",
-            show_envvar=True,
-            help="requests/s above which calls get 429 (0: off)",
-        ),
+        float, env_option("EMULATOR_RATE_LIMIT", "requests/s above which calls get 429 (0: off)")
     ] = 0.0,
     strict: Annotated[
         bool,
-        typer.Option(
+        env_option(
+            "EMULATOR_STRICT",
+            "unknown sandbox ids answer 404, or are created running",
             "--strict/--auto-create",
-            envvar="AUTOPAUSE_EMULATOR_STRICT",
-            show_envvar=True,
-            help="unknown sandbox ids answer 404, or are created running",
         ),
     ] = False,
 ) -> None:
@@ -393,7 +363,9 @@ def dlq_replay(
 def demo(
     ctx: typer.Context,
     duration: Annotated[float, env_option("DEMO_DURATION", "seconds of simulated traffic", min=10)] = 45,
-    users: Annotated[int, env_option("DEMO_USERS", "simulated users, one sandbox each", min=1, max=2000)] = 40,
+    users: Annotated[
+        int, env_option("DEMO_USERS", "simulated users, one sandbox each", min=1, max=2000)
+    ] = 40,
     idle_timeout: Annotated[
         float, env_option("DEMO_IDLE_TIMEOUT", "seconds idle before a pause (short, for the demo)", min=2)
     ] = 6,
@@ -419,7 +391,9 @@ def demo(
 def generate(
     ctx: typer.Context,
     users: Annotated[int, env_option("GENERATE_USERS", "simulated users, one sandbox each", min=1)] = 50,
-    duration: Annotated[float, env_option("GENERATE_DURATION", "seconds to run (0: until stopped)", min=0)] = 0,
+    duration: Annotated[
+        float, env_option("GENERATE_DURATION", "seconds to run (0: until stopped)", min=0)
+    ] = 0,
     idle_share: Annotated[
         float, env_option("GENERATE_IDLE_SHARE", "share of users who take long breaks", min=0, max=1)
     ] = 0.5,
