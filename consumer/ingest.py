@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
+import aio_pika
+from aio_pika.abc import AbstractExchange, AbstractIncomingMessage, AbstractRobustConnection
 from aio_pika.exceptions import AMQPError
 from pydantic import ValidationError
 
@@ -148,23 +149,24 @@ class Ingest:
         self.health.set("consuming", True)
         log.info("ingest consuming", extra={"action": "ingest.start", "queue": self.names.events_queue})
         try:
-            await self._loop(stop, channel, dlx)
+            await self._loop(stop, dlx)
         finally:
             self.health.set("consuming", False)
             if not channel.is_closed:
                 await queue.cancel(tag)
                 # deliveries that raced the cancel are in the batch: finish them
                 if len(self.batch):
-                    await self._flush(channel, dlx, stop=None)
+                    await self._flush(dlx, stop=None)
                 await channel.close()
             log.info("ingest stopped", extra={"action": "ingest.stop"})
 
     def _consumer_tag(self) -> str:
         return f"{connection_name('ingest').replace(' ', '-')}-{id(self):x}"
 
-    async def _loop(self, stop: asyncio.Event, channel: AbstractChannel, dlx: Any) -> None:
+    async def _loop(self, stop: asyncio.Event, dlx: AbstractExchange) -> None:
         interval = self.settings.flush_interval
         while not stop.is_set():
+            self.health.beat("ingest")
             if not len(self.batch):
                 if self.burst and await self._drained():
                     return
@@ -176,7 +178,7 @@ class Ingest:
                 self.full.clear()
                 await _wait_any(stop, self.full, timeout=remaining)
                 continue
-            await self._flush(channel, dlx, stop=stop)
+            await self._flush(dlx, stop=stop)
 
     async def _drained(self) -> bool:
         if time.monotonic() - self.last_delivery < self.settings.flush_interval:
@@ -184,7 +186,7 @@ class Ingest:
         ready, _ = await queue_depth(self.connection, self.names.events_queue)
         return ready == 0
 
-    async def _flush(self, channel: AbstractChannel, dlx: Any, stop: asyncio.Event | None) -> None:
+    async def _flush(self, dlx: AbstractExchange, stop: asyncio.Event | None) -> None:
         """Write the batch, dead-letter its invalid messages, ack it. Retries while Postgres is down."""
         batch, self.batch = self.batch, Batch()
         started = time.perf_counter()
@@ -225,6 +227,7 @@ class Ingest:
             except StoreUnavailable as exc:
                 metrics.STORE_ERRORS.labels("ingest").inc()
                 self.health.set("database", False)
+                self.health.beat("ingest")  # waiting on purpose is alive
                 log.error(
                     "database unavailable, batch held",
                     extra={"action": "ingest.store_down", "error": str(exc), "retry_in": delay},
@@ -247,7 +250,7 @@ class Ingest:
         return True
 
 
-def _dead_letter(msg: AbstractIncomingMessage, rejected: Rejected) -> Any:
+def _dead_letter(msg: AbstractIncomingMessage, rejected: Rejected) -> aio_pika.Message:
     headers = dict(msg.headers or {})
     headers[REASON_HEADER] = rejected.reason
     headers[DETAIL_HEADER] = rejected.detail
