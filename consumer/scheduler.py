@@ -167,7 +167,10 @@ class Scheduler:
                 return TickResult(skipped="busy")
             if not await self.store.start_tick(tick_at, self.replica):
                 return TickResult(skipped="taken")
-            result = await self._work()
+            try:
+                result = await self._work()
+            except (*UNAVAILABLE, AMQPError) as exc:
+                result = TickResult(error=f"broker: {type(exc).__name__}: {exc}")
             await self.store.finish_tick(
                 tick_at,
                 claimed=result.claimed,
@@ -176,6 +179,8 @@ class Scheduler:
                 skipped=result.skipped,
                 error=result.error,
             )
+            for state, count in (await self.store.count_by_state()).items():
+                metrics.SESSIONS.labels(state).set(count)
             return result
 
     async def _work(self) -> TickResult:

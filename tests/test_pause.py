@@ -17,7 +17,7 @@ from conftest import ago, autopause, event, isolated_env, publish, wait_for
 from consumer import runner
 from consumer.broker import PAUSE_ROUTING_KEY, Names, message
 from consumer.emulator import Emulator, Faults
-from consumer.settings import Settings
+from consumer.settings import PauseMode, Settings
 from consumer.store import Store
 from schemas import PauseCommand
 
@@ -325,3 +325,20 @@ async def test_a_worker_killed_mid_pause_is_redelivered_and_completes(
     assert row is not None and row["state"] == "PAUSED"
     assert emulator.state_of("crash-1") == "paused"
     assert len(emulator.calls("pause")) == 2
+
+
+async def test_filesystem_pause_mode_reaches_e2b(
+    pause_settings: Settings, store: Store, channel: Any, emulator: Emulator
+) -> None:
+    import aiohttp
+
+    await seed(channel, pause_settings, emulator, idle=["fs-1"])
+    filesystem = pause_settings.model_copy(update={"pause_mode": PauseMode.FILESYSTEM})
+    await tick(filesystem)
+    await work(filesystem)
+    async with (
+        aiohttp.ClientSession(headers={"X-API-KEY": KEY}) as http,
+        http.get(f"{emulator.url}/sandboxes/fs-1") as response,
+    ):
+        detail = await response.json()
+    assert detail["state"] == "paused" and detail["pauseMode"] == "filesystem"
