@@ -104,3 +104,21 @@ def test_durations(text: str, seconds: float) -> None:
 def test_bad_durations(text: str) -> None:
     with pytest.raises(ConfigError):
         parse_duration(text)
+
+
+async def test_a_tick_never_starts_while_the_previous_one_runs() -> None:
+    from typing import Any
+
+    from consumer import metrics
+    from consumer.health import Health
+    from consumer.scheduler import Scheduler
+    from consumer.settings import load_settings
+
+    nothing: Any = None
+    scheduler = Scheduler(load_settings(), nothing, nothing, Health())
+    overlaps = metrics.TICKS.labels("overlap")
+    before = overlaps._value.get()
+    async with scheduler.running:
+        scheduler._fire()
+    assert scheduler.current is None
+    assert overlaps._value.get() == before + 1

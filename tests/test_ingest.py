@@ -218,3 +218,19 @@ def test_invalid_settings_fail_at_start_naming_the_setting() -> None:
     assert result.returncode == 2
     assert "AUTOPAUSE_BATCH_SIZE" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+async def test_replicas_migrating_at_once_apply_each_migration_once(settings: Settings) -> None:
+    stores = [
+        await Store.connect(settings.database_url.get_secret_value(), settings.database_schema, size=2)
+        for _ in range(5)
+    ]
+    try:
+        results = await asyncio.gather(*(s.migrate() for s in stores))
+        async with stores[0].pool.acquire() as conn:
+            versions = await conn.fetch("SELECT version FROM autopause_migrations")
+    finally:
+        for s in stores:
+            await s.close()
+    assert sorted(len(r) for r in results) == [0, 0, 0, 0, 1]
+    assert [r["version"] for r in versions] == [1]

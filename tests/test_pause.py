@@ -19,7 +19,7 @@ from consumer.broker import PAUSE_ROUTING_KEY, Names, message
 from consumer.emulator import Emulator, Faults
 from consumer.settings import PauseMode, Settings
 from consumer.store import Store
-from schemas import PauseCommand
+from schemas import Outcome, PauseCommand
 
 KEY = "e2b_test_key_0123456789"
 
@@ -87,6 +87,8 @@ async def test_idle_sandboxes_are_paused_and_active_ones_never(
 ) -> None:
     idle, active = ids("idle", 40), ids("busy", 40)
     await seed(channel, pause_settings, emulator, idle=idle, active=active)
+    lifecycle = await channel.declare_queue(exclusive=True)
+    await lifecycle.bind(Names(pause_settings.topology_prefix).lifecycle_exchange, routing_key="sandbox.#")
     await tick(pause_settings)
     await work(pause_settings)
     rows = await states(store)
@@ -97,6 +99,11 @@ async def test_idle_sandboxes_are_paused_and_active_ones_never(
     assert not [c for c in emulator.calls("pause") if c.sandbox_id in active]
     history = [(r["to_state"], r["actor"]) for r in await store.transitions_of(idle[0])]
     assert history == [("RUNNING", "ingest"), ("PAUSING", "scheduler"), ("PAUSED", "worker")]
+    announced = []
+    while (msg := await lifecycle.get(fail=False, no_ack=True)) is not None:
+        announced.append(Outcome.model_validate_json(msg.body))
+    assert sorted(o.sandbox_id for o in announced) == sorted(idle)
+    assert {(o.type, o.generation, o.dry_run) for o in announced} == {("sandbox.paused", 1, False)}
 
 
 async def test_activity_between_claim_and_execution_cancels_the_pause(
