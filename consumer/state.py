@@ -31,7 +31,7 @@ class State(StrEnum):
 TERMINAL = frozenset({State.KILLED, State.EXPIRED})
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Session:
     """One row of ``sandbox_sessions`` as the state machine sees it."""
 
@@ -54,7 +54,7 @@ class Session:
     retry_after: datetime | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Transition:
     """A change of state, as written to the transitions log."""
 
@@ -65,7 +65,7 @@ class Transition:
     generation: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Delta:
     """Everything one batch says about one sandbox, merged."""
 
@@ -99,17 +99,29 @@ def delta_of(event: Event) -> Delta:
 
 
 def coalesce(events: list[Event]) -> dict[str, Delta]:
-    """Merge a batch of events into one delta per sandbox (duplicates collapse by event id)."""
+    """Merge a batch of events into one delta per sandbox (duplicates collapse by event id).
+
+    The same result as folding :meth:`Delta.merge` over :func:`delta_of` of each
+    event, accumulated in place because this runs for every event ingested.
+    """
     seen: set[UUID] = set()
-    deltas: dict[str, Delta] = {}
+    merged: dict[str, list[Any]] = {}  # sandbox -> [created, last_activity, activity_count, killed_at]
     for event in events:
         if event.event_id in seen:
             continue
         seen.add(event.event_id)
-        delta = delta_of(event)
-        current = deltas.get(event.sandbox_id)
-        deltas[event.sandbox_id] = delta if current is None else current.merge(delta)
-    return deltas
+        acc = merged.get(event.sandbox_id)
+        if acc is None:
+            acc = merged[event.sandbox_id] = [None, event.occurred_at, 0, None]
+        elif event.occurred_at > acc[1]:
+            acc[1] = event.occurred_at
+        if isinstance(event, SandboxActivity):
+            acc[2] += 1
+        elif isinstance(event, SandboxCreated):
+            acc[0] = _earliest_created(acc[0], event)
+        else:
+            acc[3] = _min(acc[3], event.occurred_at)
+    return {sid: Delta(sid, *acc) for sid, acc in merged.items()}
 
 
 @dataclass(frozen=True)
@@ -138,37 +150,50 @@ def pause_due(
 
 def apply(current: Session | None, delta: Delta, default_timeout: timedelta) -> Applied:
     """Apply a coalesced delta to a row (or to no row yet), per the design's state table."""
-    # every event's time counts as activity, so last_activity is the max of all of them
-    activity = delta.last_activity
+    transitions: list[Transition] = []
     if current is None:
-        assert activity is not None, "a delta always carries a time"
+        # every event's time counts as activity: last_activity is the max of them all
+        assert delta.last_activity is not None, "a delta always carries a time"
         current = Session(
             sandbox_id=delta.sandbox_id,
             state=State.RUNNING,
-            last_activity=activity,
-            pause_due_at=activity + default_timeout,
+            last_activity=delta.last_activity,
+            pause_due_at=delta.last_activity + default_timeout,
         )
-        transitions = [Transition(delta.sandbox_id, None, State.RUNNING, _birth(delta), 0)]
-    else:
-        transitions = []
+        transitions.append(Transition(delta.sandbox_id, None, State.RUNNING, _birth(delta), 0))
 
-    row = current
+    changes: dict[str, Any] = {}
     if delta.created is not None:
-        row = _fill_from_created(row, delta.created)
-    if delta.last_activity is not None and delta.last_activity > row.last_activity:
-        row = dataclasses.replace(row, last_activity=delta.last_activity)
+        changes.update(_created_fields(current, delta.created))
+    last_activity = current.last_activity
+    if delta.last_activity is not None and delta.last_activity > last_activity:
+        last_activity = changes["last_activity"] = delta.last_activity
 
-    new_state, reason = _next_state(row, delta)
-    stale = delta.activity_count if row.state in TERMINAL and new_state is None else 0
+    new_state, reason = _next_state(current, delta)
+    stale = delta.activity_count if current.state in TERMINAL and new_state is None else 0
     if new_state is not None:
-        transitions.append(Transition(row.sandbox_id, row.state, new_state, reason, row.generation))
+        transitions.append(
+            Transition(current.sandbox_id, current.state, new_state, reason, current.generation)
+        )
         # only a PAUSING row has a claim; leaving it drops the claim
-        row = dataclasses.replace(row, state=new_state, claimed_activity=None)
+        changes["state"] = new_state
+        changes["claimed_activity"] = None
     if delta.killed_at is not None:
-        row = dataclasses.replace(row, killed_at=_min(row.killed_at, delta.killed_at))
+        killed_at = _min(current.killed_at, delta.killed_at)
+        if killed_at != current.killed_at:
+            changes["killed_at"] = killed_at
 
-    row = _with_due(current, row, default_timeout)
-    return Applied(row, tuple(transitions), stale, changed=row != current or bool(transitions))
+    # A deadline that the worker or the CLI pushed out (dry run, retry-after,
+    # keep-alive) stays until newer activity, a new timeout or a resume moves it.
+    timeout_s = changes.get("idle_timeout_s", current.idle_timeout_s)
+    if "last_activity" in changes or timeout_s != current.idle_timeout_s or new_state is State.RUNNING:
+        timeout = timedelta(seconds=timeout_s) if timeout_s is not None else default_timeout
+        due = pause_due(last_activity, timeout, current.keep_alive_until, current.retry_after)
+        if due != current.pause_due_at:
+            changes["pause_due_at"] = due
+
+    row = dataclasses.replace(current, **changes) if changes else current
+    return Applied(row, tuple(transitions), stale, changed=bool(changes or transitions))
 
 
 def _next_state(row: Session, delta: Delta) -> tuple[State | None, str]:
@@ -186,34 +211,16 @@ def _next_state(row: Session, delta: Delta) -> tuple[State | None, str]:
     return None, ""
 
 
-def _with_due(before: Session, row: Session, default_timeout: timedelta) -> Session:
-    """Recompute the pause deadline when what it depends on changed.
-
-    A deadline that the worker or the CLI pushed out (dry run, retry-after,
-    keep-alive) stays until newer activity, a new timeout or a resume moves it.
-    """
-    moved = (
-        row.last_activity != before.last_activity
-        or row.idle_timeout_s != before.idle_timeout_s
-        or (row.state is State.RUNNING and before.state is not State.RUNNING)
-    )
-    if not moved:
-        return row
-    timeout = timedelta(seconds=row.idle_timeout_s) if row.idle_timeout_s is not None else default_timeout
-    due = pause_due(row.last_activity, timeout, row.keep_alive_until, row.retry_after)
-    return dataclasses.replace(row, pause_due_at=due)
-
-
-def _fill_from_created(row: Session, created: SandboxCreated) -> Session:
-    """Take the descriptive fields from the earliest created event seen."""
+def _created_fields(row: Session, created: SandboxCreated) -> dict[str, Any]:
+    """The descriptive fields to take from ``created``: those of the earliest created event win."""
     if (
         row.created_event_at is not None
         and row.created_event_id is not None
         and _created_key(row.created_event_at, row.created_event_id)
         <= _created_key(created.occurred_at, created.event_id)
     ):
-        return row
-    fields: dict[str, Any] = {
+        return {}
+    return {
         "project_id": created.project_id,
         "user_id": created.user_id,
         "template": created.template,
@@ -222,7 +229,6 @@ def _fill_from_created(row: Session, created: SandboxCreated) -> Session:
         "created_event_id": created.event_id,
         "created_event_at": created.occurred_at,
     }
-    return dataclasses.replace(row, **fields)
 
 
 def _birth(delta: Delta) -> str:
