@@ -3,6 +3,7 @@
     AutopauseError
     ├── ConfigError          settings or arguments that cannot work; exit 2
     ├── StoreUnavailable     Postgres cannot be reached; retry later
+    ├── StoreRejected        Postgres refused the data itself; retrying cannot help
     ├── BrokerUnavailable    RabbitMQ cannot be reached; retry later
     └── NotFound             a sandbox, message or other named thing does not exist
 
@@ -21,6 +22,10 @@ class ConfigError(AutopauseError):
 
 class StoreUnavailable(AutopauseError):
     """PostgreSQL is down or unreachable; the operation may be retried."""
+
+
+class StoreRejected(AutopauseError):
+    """PostgreSQL refused a statement for its data (not for its own state): do not retry it as is."""
 
 
 class BrokerUnavailable(AutopauseError):

@@ -45,7 +45,7 @@ from consumer.broker import (
     publish_all,
     queue_depth,
 )
-from consumer.errors import StoreUnavailable
+from consumer.errors import StoreRejected, StoreUnavailable
 from consumer.health import Health
 from consumer.settings import Settings
 from consumer.state import Event, apply, coalesce
@@ -75,17 +75,18 @@ def parse(body: bytes, *, limit: int, context: dict[str, Any]) -> Event | Reject
 
 def _rejection(exc: ValidationError) -> Rejected:
     first = exc.errors(include_url=False, include_input=False)[0]
-    kind = first["type"]
-    reason = {
-        "json_invalid": "invalid_json",
-        "json_type": "invalid_json",
-        "union_tag_invalid": "unknown_type",
-        "union_tag_not_found": "missing_type",
-        "model_type": "not_an_object",
-        "dict_type": "not_an_object",
-    }.get(kind, "invalid_event")
-    where = ".".join(str(p) for p in first["loc"][1:]) or "body"
-    detail = f"{where}: {first['msg']}"
+    kind, where = first["type"], first["loc"][1:]
+    if kind in ("json_invalid", "json_type"):
+        reason = "invalid_json"
+    elif kind == "union_tag_invalid":
+        reason = "unknown_type"
+    elif kind == "union_tag_not_found":
+        reason = "missing_type"
+    elif kind in ("model_type", "dict_type") and not first["loc"]:
+        reason = "not_an_object"
+    else:
+        reason = "invalid_event"
+    detail = f"{'.'.join(str(p) for p in where) or 'body'}: {first['msg']}"
     if exc.error_count() > 1:
         detail += f" (+{exc.error_count() - 1} more)"
     return Rejected(reason, detail[:500])
@@ -94,7 +95,7 @@ def _rejection(exc: ValidationError) -> Rejected:
 @dataclass
 class Batch:
     messages: list[DeliveredMessage] = field(default_factory=list)
-    events: list[Event] = field(default_factory=list)
+    events: list[tuple[DeliveredMessage, Event]] = field(default_factory=list)
     rejected: list[tuple[DeliveredMessage, Rejected]] = field(default_factory=list)
     opened: float = 0.0
 
@@ -140,7 +141,7 @@ class Ingest:
         if isinstance(parsed, Rejected):
             batch.rejected.append((msg, parsed))
         else:
-            batch.events.append(parsed)
+            batch.events.append((msg, parsed))
         self.last_delivery = time.monotonic()
         if len(batch) == 1:
             self.arrived.set()
@@ -210,32 +211,53 @@ class Ingest:
         """Write the batch, dead-letter its invalid messages, ack it. Retries while Postgres is down."""
         batch, self.batch = self.batch, Batch()
         started = time.perf_counter()
+        rejected = list(batch.rejected)
         if batch.events:
-            committed = await self._apply(batch.events, stop)
-            if not committed:
+            refused = await self._commit(batch.events, stop)
+            if refused is None:
                 return  # shutting down with Postgres away: the broker redelivers the batch
-        if batch.rejected:
+            rejected += refused
+        if rejected:
             try:
-                await publish_all(dlx, (("events", _dead_letter(m, r)) for m, r in batch.rejected))
+                await publish_all(dlx, (("events", _dead_letter(m, r)) for m, r in rejected))
             except (*UNAVAILABLE, AMQPError) as exc:
                 # unacked, the batch comes back after the reconnect; its events are idempotent
                 log.error("dead-letter failed", extra={"action": "ingest.dlx_failed", "error": str(exc)})
                 return
-            for _, rejected in batch.rejected:
-                metrics.EVENTS_REJECTED.labels(rejected.reason).inc()
+            for _, why in rejected:
+                metrics.EVENTS_REJECTED.labels(why.reason).inc()
                 log.warning(
                     "event rejected",
-                    extra={
-                        "action": "ingest.reject",
-                        "reason": rejected.reason,
-                        "detail": rejected.detail,
-                    },
+                    extra={"action": "ingest.reject", "reason": why.reason, "detail": why.detail},
                 )
         await _ack(batch.messages)
         metrics.BATCH_SIZE.observe(len(batch))
         metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
 
-    async def _apply(self, events: list[Event], stop: asyncio.Event | None) -> bool:
+    async def _commit(
+        self, items: list[tuple[DeliveredMessage, Event]], stop: asyncio.Event | None
+    ) -> list[tuple[DeliveredMessage, Rejected]] | None:
+        """Apply events in one transaction; return those Postgres refused, or None to give up.
+
+        Postgres refusing a batch for its data (not for being down) is found
+        out by halving the batch until the culprit stands alone: it is
+        dead-lettered, every other event is applied, and nothing loops.
+        """
+        try:
+            await self._apply([event for _, event in items], stop)
+        except StoreRejected as exc:
+            if len(items) == 1:
+                return [(items[0][0], Rejected("rejected_by_database", str(exc)[:500]))]
+            half = len(items) // 2
+            first = await self._commit(items[:half], stop)
+            second = await self._commit(items[half:], stop) if first is not None else None
+            return None if first is None or second is None else first + second
+        except _Stopping:
+            return None
+        return []
+
+    async def _apply(self, events: list[Event], stop: asyncio.Event | None) -> None:
+        """Commit ``events``, waiting out a database outage (raises _Stopping if told to stop meanwhile)."""
         deltas = coalesce(events)
         delay = 0.2
         while True:
@@ -253,7 +275,7 @@ class Ingest:
                     extra={"action": "ingest.store_down", "error": str(exc), "retry_in": delay},
                 )
                 if stop is None or await _wait_any(stop, timeout=delay):
-                    return False
+                    raise _Stopping from exc
                 delay = min(delay * 2, 10.0)
         self.health.set("database", True)
         now = datetime.now(UTC)
@@ -267,16 +289,30 @@ class Ingest:
             metrics.TRANSITIONS.labels("ingest", t.to_state.value, t.reason).inc()
         if outcome.stale_events:
             metrics.EVENTS_STALE.inc(outcome.stale_events)
-        return True
+
+
+class _Stopping(Exception):
+    """The process is stopping while Postgres is away: leave the batch to the broker."""
 
 
 def _dead_letter(msg: DeliveredMessage, rejected: Rejected) -> aio_pika.Message:
     properties = msg.header.properties
-    headers = dict(properties.headers or {})
+    headers = {key: _portable(value) for key, value in (properties.headers or {}).items()}
     headers[REASON_HEADER] = rejected.reason
     headers[DETAIL_HEADER] = rejected.detail
     headers[ROUTING_KEY_HEADER] = msg.routing_key or ""
     return message(msg.body, message_id=properties.message_id, headers=headers)
+
+
+def _portable(value: Any) -> Any:
+    """A header value that can be published again: bytes that are not UTF-8 become text."""
+    if isinstance(value, bytes | bytearray):
+        return bytes(value).decode("utf-8", "backslashreplace")
+    if isinstance(value, dict):
+        return {str(k): _portable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_portable(v) for v in value]
+    return value
 
 
 async def _ack(messages: list[DeliveredMessage]) -> None:

@@ -19,7 +19,7 @@ import asyncpg
 import orjson
 from asyncpg.pool import PoolConnectionProxy
 
-from consumer.errors import StoreUnavailable
+from consumer.errors import StoreRejected, StoreUnavailable
 from consumer.migrate import migrate
 from consumer.state import Applied, Delta, Session, State, Transition
 
@@ -37,6 +37,8 @@ UNAVAILABLE = (
     asyncpg.exceptions.CrashShutdownError,
     asyncpg.exceptions.TooManyConnectionsError,
     asyncpg.exceptions.ConnectionFailureError,
+    # a pooled session that Postgres has just terminated fails its next command this way
+    asyncpg.exceptions.InternalClientError,
     TimeoutError,
 )
 
@@ -143,6 +145,8 @@ class Store:
                 yield conn
         except UNAVAILABLE as exc:
             raise StoreUnavailable(f"PostgreSQL unavailable: {type(exc).__name__}: {exc}") from exc
+        except (asyncpg.exceptions.DataError, asyncpg.exceptions.IntegrityConstraintViolationError) as exc:
+            raise StoreRejected(f"PostgreSQL refused the data: {type(exc).__name__}: {exc}") from exc
 
     async def migrate(self) -> list[int]:
         async with self._conn() as conn:

@@ -8,6 +8,7 @@ Schema and AsyncAPI documents beside this module are generated from them
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 from uuid import UUID
@@ -15,6 +16,7 @@ from uuid import UUID
 from pydantic import (
     AwareDatetime,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StringConstraints,
@@ -30,12 +32,27 @@ META_KEY_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
 SandboxId = Annotated[str, StringConstraints(pattern=SANDBOX_ID_PATTERN)]
 Ref = Annotated[str, StringConstraints(pattern=REF_PATTERN)]
 MetaKey = Annotated[str, StringConstraints(pattern=META_KEY_PATTERN)]
-MetaValue = Annotated[str, StringConstraints(max_length=256)]
+# NUL is refused everywhere: PostgreSQL cannot store it in text or jsonb
+MetaValue = Annotated[str, StringConstraints(max_length=256, pattern=r"^[^\x00]*$")]
+FreeText = Annotated[str, StringConstraints(max_length=200, pattern=r"^[^\x00]*$")]
 
 MIN_IDLE_TIMEOUT_S = 30
 MAX_IDLE_TIMEOUT_S = 7 * 86_400
 DEFAULT_CLOCK_SKEW = timedelta(minutes=5)
 DEFAULT_MAX_AGE = timedelta(days=30)
+RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$")
+
+
+def _rfc3339(value: object) -> object:
+    """Only RFC 3339 text with an offset: pydantic alone would also take Unix seconds in a string."""
+    if not isinstance(value, str):
+        return value
+    if not RFC3339.match(value):
+        raise ValueError("must be an RFC 3339 date-time with an offset, e.g. 2026-11-29T10:15:00Z")
+    return datetime.fromisoformat(value)
+
+
+Rfc3339Time = Annotated[AwareDatetime, BeforeValidator(_rfc3339)]
 
 ActivitySource = Literal["terminal", "file", "preview", "agent", "api", "other"]
 
@@ -48,7 +65,7 @@ class Envelope(Contract):
     """Fields that every event carries."""
 
     event_id: UUID = Field(description="unique per event; the idempotency key")
-    occurred_at: AwareDatetime = Field(description="when it happened, RFC 3339 with offset")
+    occurred_at: Rfc3339Time = Field(description="when it happened, RFC 3339 with offset")
     sandbox_id: SandboxId = Field(description="the E2B sandbox id")
 
     @field_validator("occurred_at")
@@ -97,7 +114,7 @@ class SandboxKilled(Envelope):
     """The app killed the sandbox; it will never be paused again."""
 
     type: Literal["sandbox.killed"] = "sandbox.killed"
-    reason: Annotated[str, StringConstraints(max_length=200)] | None = None
+    reason: FreeText | None = None
 
 
 SandboxEvent = Annotated[SandboxCreated | SandboxActivity | SandboxKilled, Field(discriminator="type")]
@@ -112,7 +129,7 @@ class PauseCommand(Contract):
     type: Literal["sandbox.pause"] = "sandbox.pause"
     sandbox_id: SandboxId
     generation: int = Field(ge=1, le=2**62)
-    issued_at: AwareDatetime
+    issued_at: Rfc3339Time
     reason: Literal["idle", "manual", "lease_expired"] = "idle"
 
 
@@ -124,7 +141,7 @@ class Outcome(Contract):
 
     event_id: UUID
     type: Literal["sandbox.paused", "sandbox.pause_failed", "sandbox.gone"]
-    occurred_at: AwareDatetime
+    occurred_at: Rfc3339Time
     sandbox_id: SandboxId
     generation: int = Field(ge=1)
     dry_run: bool = False
