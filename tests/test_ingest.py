@@ -234,3 +234,24 @@ async def test_replicas_migrating_at_once_apply_each_migration_once(settings: Se
             await s.close()
     assert sorted(len(r) for r in results) == [0, 0, 0, 0, 1]
     assert [r["version"] for r in versions] == [1]
+
+
+async def test_an_event_postgres_refuses_is_dead_lettered_and_its_batch_applied(
+    settings: Settings, store: Store, channel: aio_pika.abc.AbstractChannel
+) -> None:
+    # a constraint stands in for any refusal by the database that validation could not foresee
+    async with store.pool.acquire() as conn:
+        await conn.execute(
+            "ALTER TABLE sandbox_sessions ADD CONSTRAINT no_poison CHECK (sandbox_id <> 'sbx-poison')"
+        )
+    neighbours = [event("created", f"sbx-ok{i:03d}", at=ago(60)) for i in range(40)]
+    await publish(channel, settings, [*neighbours[:17], event("created", "sbx-poison"), *neighbours[17:]])
+    assert await runner.run(settings, {"ingest"}, burst=True) == 0
+    assert await rows_of(store) == expected_rows(neighbours)
+    names = Names(settings.topology_prefix)
+    dead = await channel.get_queue(names.events_dlq)
+    msg = await dead.get(no_ack=True)
+    assert msg.headers is not None and msg.headers[REASON_HEADER] == "rejected_by_database"
+    assert b"sbx-poison" in msg.body
+    assert await dead.get(fail=False) is None
+    assert await queue_ready(channel, names.events_queue) == 0
