@@ -20,10 +20,9 @@ from datetime import UTC, datetime, timedelta
 
 import aiocron
 from aio_pika.abc import AbstractExchange, AbstractRobustConnection
-from aio_pika.exceptions import AMQPError
 
 from consumer import metrics
-from consumer.broker import PAUSE_ROUTING_KEY, UNAVAILABLE, Names, message, publish_all, queue_depth
+from consumer.broker import PAUSE_ROUTING_KEY, Names, message, publish_all, queue_depth
 from consumer.errors import StoreUnavailable
 from consumer.health import Health
 from consumer.settings import Settings
@@ -147,8 +146,8 @@ class Scheduler:
                 result = await self._tick(tick_at)
             except StoreUnavailable as exc:
                 result = TickResult(error=f"database: {exc}")
-            except (*UNAVAILABLE, AMQPError) as exc:
-                result = TickResult(error=f"broker: {type(exc).__name__}: {exc}")
+            except Exception as exc:  # a tick must never take the cron down with it
+                result = TickResult(error=f"{type(exc).__name__}: {exc}")
         outcome = result.skipped or ("error" if result.error else "ran")
         metrics.TICKS.labels(outcome).inc()
         metrics.TICK_SECONDS.observe(time.perf_counter() - started)
@@ -169,8 +168,10 @@ class Scheduler:
                 return TickResult(skipped="taken")
             try:
                 result = await self._work()
-            except (*UNAVAILABLE, AMQPError) as exc:
-                result = TickResult(error=f"broker: {type(exc).__name__}: {exc}")
+            except StoreUnavailable:
+                raise
+            except Exception as exc:  # recorded in the tick's row, then in the log
+                result = TickResult(error=f"{type(exc).__name__}: {exc}")
             await self.store.finish_tick(
                 tick_at,
                 claimed=result.claimed,

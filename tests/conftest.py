@@ -148,12 +148,18 @@ async def queue_ready(channel: aio_pika.abc.AbstractChannel, name: str) -> int:
 
 
 @pytest.fixture
-def spawn() -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
-    """Start autopause subprocesses; any still running at the end are killed."""
+def spawn(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
+    """Start autopause subprocesses, output to a log file each (``proc.log``), never an unread pipe.
+
+    Any still running at the end are killed.
+    """
     started: list[subprocess.Popen[bytes]] = []
 
     def start(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        log = tmp_path / f"process-{len(started)}.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen(args, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        proc.log = log  # type: ignore[attr-defined]
         started.append(proc)
         return proc
 

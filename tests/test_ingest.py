@@ -159,7 +159,7 @@ async def test_sigterm_exits_zero_and_loses_nothing(
     await wait_for(lambda: count_rows(store), timeout=60, what="the first committed batch")
     proc.send_signal(signal.SIGTERM)
     assert await asyncio.to_thread(proc.wait, 30) == 0
-    output = proc.stdout.read().decode()
+    output = proc.log.read_text()
     assert "ingest.stop" in output
 
     names = Names(settings.topology_prefix)
