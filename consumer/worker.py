@@ -99,7 +99,9 @@ class Worker:
 
     async def run(self, stop: asyncio.Event, *, burst: bool = False) -> None:
         self.stop = stop
-        channel = await self.connection.channel(publisher_confirms=True)
+        # Outcomes are announcements (the row is the truth), published without
+        # confirms: with them, publishing took about a sixth of the worker's time.
+        channel = await self.connection.channel(publisher_confirms=False)
         await channel.set_qos(prefetch_count=self.settings.worker_concurrency)
         queue = await channel.get_queue(self.names.pause_queue)
         self.lifecycle = await channel.get_exchange(self.names.lifecycle_exchange)
