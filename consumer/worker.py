@@ -293,8 +293,9 @@ class Worker:
             error=error[:500] if error else None,
         )
         try:
+            # not mandatory: no app listening is normal, not an error to be returned
             await self.lifecycle.publish(
-                message(outcome.model_dump_json().encode()), routing_key=outcome_type
+                message(outcome.model_dump_json().encode()), routing_key=outcome_type, mandatory=False
             )
         except (*UNAVAILABLE, AMQPError) as exc:
             log.warning(
