@@ -17,8 +17,10 @@ import aio_pika
 import asyncpg
 import orjson
 import pytest
+from pydantic import SecretStr
 
 from consumer.broker import Names, declare_topology, delete_topology, message, publish_all
+from consumer.emulator import Emulator
 from consumer.settings import Settings, load_settings
 from consumer.store import Store
 
@@ -168,6 +170,31 @@ def spawn(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
         if proc.poll() is None:
             proc.kill()
         proc.wait(timeout=10)
+
+
+E2B_KEY = "e2b_test_key_0123456789"
+
+
+@pytest.fixture
+async def emulator() -> AsyncIterator[Emulator]:
+    """The E2B emulator, accepting only E2B_KEY."""
+    async with Emulator(api_key=E2B_KEY, seed=1) as emu:
+        yield emu
+
+
+@pytest.fixture
+def pause_settings(settings: Settings, emulator: Emulator) -> Settings:
+    """Settings whose worker pauses through ``emulator``, with short retry delays."""
+    return settings.model_copy(
+        update={
+            "e2b_api_url": emulator.url,
+            "e2b_api_key": SecretStr(E2B_KEY),
+            "retry_base_delay": 0.01,
+            "retry_max_delay": 0.05,
+            "e2b_request_timeout": 5.0,
+            "claim_max_share": 1.0,
+        }
+    )
 
 
 def ago(seconds: float) -> datetime:

@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from test_ingest import expected_rows
-from test_pause import KEY, ids, seed, tick, work
+from test_pause import ids, seed, tick, work
 
 from consumer import runner
 from consumer.broker import PAUSE_ROUTING_KEY, REASON_HEADER, Names, message, publish_all
@@ -612,25 +612,6 @@ async def test_a_nul_in_metadata_neither_crashes_ingest_nor_holds_up_its_batch(
 
 
 # forged pause commands ---------------------------------------------------------
-
-
-@pytest.fixture
-async def emulator() -> Any:
-    async with Emulator(api_key=KEY, seed=3) as emu:
-        yield emu
-
-
-@pytest.fixture
-def pause_settings(settings: Settings, emulator: Emulator) -> Settings:
-    return settings.model_copy(
-        update={
-            "e2b_api_url": emulator.url,
-            "e2b_api_key": type(settings.amqp_url)(KEY),
-            "claim_max_share": 1.0,
-            "retry_base_delay": 0.01,
-            "retry_max_delay": 0.05,
-        }
-    )
 
 
 @st.composite

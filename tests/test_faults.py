@@ -494,22 +494,8 @@ async def test_postgres_dropping_its_sessions_never_stops_ingest(
 
 
 @pytest.fixture
-async def emulator() -> AsyncIterator[Emulator]:
-    async with Emulator(api_key=KEY, seed=5) as emu:
-        yield emu
-
-
-@pytest.fixture
-def pause_settings(settings: Settings, emulator: Emulator) -> Settings:
-    return settings.model_copy(
-        update={
-            "e2b_api_url": emulator.url,
-            "e2b_api_key": type(settings.amqp_url)(KEY),
-            "retry_base_delay": 0.01,
-            "retry_max_delay": 0.2,
-            "claim_max_share": 1.0,
-        }
-    )
+def pause_settings(pause_settings: Settings) -> Settings:
+    return pause_settings.model_copy(update={"retry_max_delay": 0.2})
 
 
 async def seed_sessions(

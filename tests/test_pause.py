@@ -7,12 +7,11 @@ import logging
 import signal
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
 import aio_pika
-import pytest
+from conftest import E2B_KEY as KEY
 from conftest import ago, autopause, event, isolated_env, publish, wait_for
 
 from consumer import runner
@@ -21,28 +20,6 @@ from consumer.emulator import Emulator, Faults
 from consumer.settings import PauseMode, Settings
 from consumer.store import Store
 from schemas import Outcome, PauseCommand
-
-KEY = "e2b_test_key_0123456789"
-
-
-@pytest.fixture
-async def emulator() -> AsyncIterator[Emulator]:
-    async with Emulator(api_key=KEY, seed=1) as emu:
-        yield emu
-
-
-@pytest.fixture
-def pause_settings(settings: Settings, emulator: Emulator) -> Settings:
-    return settings.model_copy(
-        update={
-            "e2b_api_url": emulator.url,
-            "e2b_api_key": type(settings.amqp_url)(KEY),
-            "retry_base_delay": 0.01,
-            "retry_max_delay": 0.05,
-            "e2b_request_timeout": 5.0,
-            "claim_max_share": 1.0,
-        }
-    )
 
 
 async def seed(
