@@ -47,3 +47,31 @@ RATE_LIMIT_WAIT = Histogram(
     buckets=(0.001, 0.01, 0.05, 0.1, 0.5, 1, 5, 30),
 )
 IN_FLIGHT = Gauge("autopause_pauses_in_flight", "Pause commands being worked on")
+
+# safety: pauses that hit a sandbox in use, the ingest watermark, producer clocks
+PAUSED_IN_USE = Counter(
+    "autopause_paused_in_use_total", "Pauses that raced with activity; the sandbox was resumed at once"
+)
+INGEST_UNSETTLED = Gauge(
+    "autopause_ingest_unsettled", "Deliveries this ingest replica holds, not yet committed or dead-lettered"
+)
+WATERMARK_LAG = Gauge(
+    "autopause_ingest_watermark_lag_seconds",
+    "Age of the ingest watermark at the last tick: every event published before it is committed",
+)
+PRODUCER_SKEW = Gauge(
+    "autopause_producer_clock_skew_seconds",
+    "Arrival time minus occurred_at, the smallest in the last batch, per producer (app_id or user)",
+    ["producer"],
+)
+CLAIMS_RELEASED = Counter(
+    "autopause_claims_released_total", "Claims returned to RUNNING without a pause", ["reason"]
+)
+QUEUE_MESSAGES = Gauge("autopause_queue_messages", "Messages ready in a queue (sampled by ticks)", ["queue"])
+QUEUE_CONSUMERS = Gauge("autopause_queue_consumers", "Consumers of a queue (sampled by ticks)", ["queue"])
+AUTO_PAUSE_ENABLED = Gauge(
+    "autopause_auto_pause_enabled", "1 while the scheduler may claim, 0 when switched off"
+)
+LAST_TICK_SUCCESS = Gauge(
+    "autopause_last_successful_tick_timestamp_seconds", "Unix time of the last tick that ran without error"
+)
