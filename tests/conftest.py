@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import re
 import subprocess
 import sys
 import time
@@ -199,3 +201,147 @@ def pause_settings(settings: Settings, emulator: Emulator) -> Settings:
 
 def ago(seconds: float) -> datetime:
     return now() - timedelta(seconds=seconds)
+
+
+# helpers for the safety tests ------------------------------------------------------
+
+
+def metric(name: str, **labels: str) -> float:
+    """The current value of a metric of this process (0 when never set)."""
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+async def _rabbitmqctl(*args: str) -> str:
+    proc = await asyncio.create_subprocess_exec(
+        "rabbitmqctl", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"rabbitmqctl {' '.join(args)}: {err.decode()[-300:]}")
+    return out.decode()
+
+
+async def _policy_of(queue: str) -> str:
+    out = await _rabbitmqctl("list_queues", "-q", "--no-table-headers", "name", "policy")
+    for line in out.splitlines():
+        parts = line.split("\t")
+        if parts and parts[0] == queue:
+            return parts[1].strip() if len(parts) > 1 else ""
+    return ""
+
+
+@contextlib.asynccontextmanager
+async def broker_policy(queue: str, definition: dict[str, Any]) -> AsyncIterator[None]:
+    """A RabbitMQ policy on one queue, in force inside the block, cleared afterwards.
+
+    Policies apply asynchronously: the block starts once the queue reports it.
+    """
+    name = "test-" + uuid.uuid4().hex[:8]
+    pattern = "^" + re.escape(queue) + "$"
+    await _rabbitmqctl("set_policy", name, pattern, orjson.dumps(definition).decode(), "--apply-to", "queues")
+
+    async def applied() -> bool:
+        return await _policy_of(queue) == name
+
+    try:
+        await wait_for(applied, timeout=30, what=f"policy {name} on {queue}")
+        yield
+    finally:
+        await _rabbitmqctl("clear_policy", name)
+
+        async def cleared() -> bool:
+            return await _policy_of(queue) != name
+
+        await wait_for(cleared, timeout=30, what=f"policy {name} cleared")
+
+
+@contextlib.asynccontextmanager
+async def failing_writes(store: Store, sqlstate: str, table: str = "sandbox_sessions") -> AsyncIterator[None]:
+    """Every INSERT or UPDATE of ``table`` fails with ``sqlstate`` inside the block.
+
+    A statement trigger raises the error, so the client sees exactly what
+    PostgreSQL sends for a read-only standby, a full disk or a cancelled statement.
+    """
+    function = f"fail_{uuid.uuid4().hex[:8]}"
+    async with store.pool.acquire() as conn:
+        await conn.execute(
+            f"CREATE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            f"RAISE EXCEPTION 'injected failure' USING ERRCODE = '{sqlstate}'; END $$"
+        )
+        await conn.execute(
+            f"CREATE TRIGGER {function} BEFORE INSERT OR UPDATE ON {table} "
+            f"FOR EACH STATEMENT EXECUTE FUNCTION {function}()"
+        )
+    try:
+        yield
+    finally:
+        async with store.pool.acquire() as conn:
+            await conn.execute(f"DROP TRIGGER IF EXISTS {function} ON {table}")
+            await conn.execute(f"DROP FUNCTION IF EXISTS {function}()")
+
+
+@contextlib.asynccontextmanager
+async def service(settings: Settings, roles: set[str]) -> AsyncIterator[asyncio.Task[int]]:
+    """``roles`` running in this process inside the block; stopped as by SIGTERM afterwards."""
+    from consumer import runner
+
+    stop = asyncio.Event()
+    task = asyncio.create_task(runner.run(settings, roles, stop=stop), name="service-" + "+".join(roles))
+    try:
+        yield task
+    finally:
+        stop.set()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(task, timeout=60)
+
+
+async def ingest_caught_up(store: Store) -> bool:
+    """An ingest replica beats and has committed a watermark: the scheduler may claim."""
+    async with store.pool.acquire() as conn:
+        n = await conn.fetchval(
+            "SELECT count(*) FROM ingest_replicas"
+            " WHERE watermark IS NOT NULL AND beat_at > now() - interval '5 seconds'"
+        )
+    return bool(n)
+
+
+async def arrived_long_ago(store: Store, default_timeout: float) -> None:
+    """Make every row's events look as old on arrival as their stamps say: idle rows become due."""
+    async with store.pool.acquire() as conn:
+        await conn.execute(
+            "UPDATE sandbox_sessions SET last_arrived_at = last_activity,"
+            " pause_due_at = last_activity + make_interval(secs => coalesce(idle_timeout_s, $1))"
+            " WHERE state = 'RUNNING'",
+            default_timeout,
+        )
+
+
+async def transitions(store: Store, sandbox_id: str) -> list[tuple[str | None, str, str, str]]:
+    """(from, to, reason, actor) of a sandbox's transitions, in order."""
+    async with store.pool.acquire() as conn:
+        rows = await conn.fetch(
+            "SELECT from_state, to_state, reason, actor FROM session_transitions"
+            " WHERE sandbox_id = $1 ORDER BY id",
+            sandbox_id,
+        )
+    return [(r["from_state"], r["to_state"], r["reason"], r["actor"]) for r in rows]
+
+
+async def row(store: Store, sandbox_id: str) -> dict[str, Any]:
+    async with store.pool.acquire() as conn:
+        found = await conn.fetchrow("SELECT * FROM sandbox_sessions WHERE sandbox_id = $1", sandbox_id)
+    assert found is not None, f"no row for {sandbox_id}"
+    return dict(found)
+
+
+async def dead_letters(
+    channel: aio_pika.abc.AbstractChannel, queue: str
+) -> list[aio_pika.abc.AbstractIncomingMessage]:
+    """Take every message of a dead-letter queue."""
+    taken = []
+    q = await channel.get_queue(queue)
+    while (msg := await q.get(fail=False, no_ack=True)) is not None:
+        taken.append(msg)
+    return taken
