@@ -1,4 +1,4 @@
-"""The E2B emulator: spec answers over raw HTTP, SDK parsing, faults, control API."""
+"""The E2B emulator: spec answers over raw HTTP, the real SDK's calls, metrics, faults, control API."""
 
 from __future__ import annotations
 
@@ -6,23 +6,58 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiohttp
 import pytest
 from e2b import AsyncSandbox
+from e2b.api.client.api.sandboxes import get_sandboxes_metrics
 from e2b.api.client.models import SandboxState
+from e2b.api.client_async import get_api_client
+from e2b.connection_config import ConnectionConfig
 from e2b.exceptions import SandboxNotFoundException
 from e2b.sandbox.sandbox_api import SandboxQuery
 
-from consumer.emulator import Call, Emulator, Faults, serve
+from e2b_emulator import Call, Emulator, Faults, serve
 
 KEY = "e2b_test_key"
+MIB = 1024 * 1024
+# A wall-clock start on the 5 s grid of Unix time, plus 2 s.
+T0 = datetime(2026, 8, 20, 12, 0, 2, tzinfo=UTC)
+T0_UNIX = int(T0.timestamp())
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeWall:
+    """The emulator's wall clock, moved by the test."""
+
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> datetime:
+        self.now += timedelta(seconds=seconds)
+        return self.now
 
 
 @pytest.fixture
-async def emulator() -> AsyncIterator[Emulator]:
-    async with Emulator(seed=7) as emu:
+def wall() -> FakeWall:
+    return FakeWall()
+
+
+@pytest.fixture
+async def emulator(wall: FakeWall) -> AsyncIterator[Emulator]:
+    async with Emulator(seed=7, wall_clock=wall) as emu:
         yield emu
 
 
@@ -57,12 +92,20 @@ async def eventually(condition: Callable[[], bool], within: float = 5.0) -> None
             await asyncio.sleep(0.01)
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0.0
+async def list_ids(emu: Emulator, query: SandboxQuery | None, limit: int | None) -> list[str]:
+    """Every page of the SDK's paginator."""
+    paginator = AsyncSandbox.list(query=query, limit=limit, **sdk_opts(emu))
+    ids: list[str] = []
+    while paginator.has_next:
+        ids += [info.sandbox_id for info in await paginator.next_items()]
+    return ids
 
-    def __call__(self) -> float:
-        return self.now
+
+async def batch_metrics(emu: Emulator, ids: list[str]) -> tuple[int, Any]:
+    """GET /sandboxes/metrics through the SDK's generated client (no high-level call uses it)."""
+    config = ConnectionConfig(api_key=KEY, api_url=emu.url, request_timeout=5, retries=0)
+    response = await get_sandboxes_metrics.asyncio_detailed(client=get_api_client(config), sandbox_ids=ids)
+    return response.status_code, response.parsed
 
 
 async def test_api_key_is_required(emulator: Emulator, http: aiohttp.ClientSession) -> None:
@@ -157,22 +200,15 @@ async def test_sdk_list_filters_and_pages(emulator: Emulator) -> None:
     odd = {"k y": "50%41&x=1", "plus": "b+c"}
     emulator.add_sandbox("odd", state="paused", metadata=odd)
 
-    async def collect(query: SandboxQuery | None, limit: int | None) -> list[str]:
-        paginator = AsyncSandbox.list(query=query, limit=limit, **sdk_opts(emulator))
-        ids: list[str] = []
-        while paginator.has_next:
-            ids += [info.sandbox_id for info in await paginator.next_items()]
-        return ids
-
-    running = await collect(SandboxQuery(state=[SandboxState.RUNNING]), 3)
+    running = await list_ids(emulator, SandboxQuery(state=[SandboxState.RUNNING]), 3)
     assert running == [f"run-{i}" for i in reversed(range(7))]  # newest first
-    paused = await collect(SandboxQuery(state=[SandboxState.PAUSED]), None)
+    paused = await list_ids(emulator, SandboxQuery(state=[SandboxState.PAUSED]), None)
     assert sorted(paused) == ["odd", "paused-0", "paused-1", "paused-2"]
-    assert len(await collect(None, 4)) == 11
-    team_a = await collect(SandboxQuery(metadata={"team": "a"}), None)
+    assert len(await list_ids(emulator, None, 4)) == 11
+    team_a = await list_ids(emulator, SandboxQuery(metadata={"team": "a"}), None)
     assert sorted(team_a) == ["run-1", "run-3", "run-5"]
-    assert await collect(SandboxQuery(metadata=odd), None) == ["odd"]
-    assert await collect(SandboxQuery(metadata={"k y": "50A&x=1"}), None) == []
+    assert await list_ids(emulator, SandboxQuery(metadata=odd), None) == ["odd"]
+    assert await list_ids(emulator, SandboxQuery(metadata={"k y": "50A&x=1"}), None) == []
     assert len(emulator.calls("list")) == 3 + 1 + 3 + 1 + 1 + 1
 
 
@@ -287,16 +323,13 @@ async def test_control_api(emulator: Emulator, http: aiohttp.ClientSession) -> N
     status, body = await request(
         http, "POST", f"{ctl}/sandboxes", key=None, json={"sandbox_id": "c1", "state": "paused"}
     )
-    assert status == 201 and body == {"sandbox_id": "c1", "state": "paused"}
+    assert status == 201 and (body["sandbox_id"], body["state"]) == ("c1", "paused")
     assert emulator.state_of("c1") == "paused"
     bad, _ = await request(
         http, "POST", f"{ctl}/sandboxes", key=None, json={"sandbox_id": "c2", "state": "zombie"}
     )
     assert bad == 400
-    assert (await request(http, "GET", f"{ctl}/sandboxes/c1", key=None))[1] == {
-        "sandbox_id": "c1",
-        "state": "paused",
-    }
+    assert (await request(http, "GET", f"{ctl}/sandboxes/c1", key=None))[1] == body
     assert (await request(http, "GET", f"{ctl}/sandboxes/zz", key=None))[1]["state"] is None
 
     status, faults = await request(
@@ -330,11 +363,14 @@ async def test_control_api(emulator: Emulator, http: aiohttp.ClientSession) -> N
 async def test_serve_logs_its_url_and_stops_on_cancel(
     caplog: pytest.LogCaptureFixture, http: aiohttp.ClientSession
 ) -> None:
-    caplog.set_level(logging.INFO, logger="consumer.emulator")
+    caplog.set_level(logging.INFO, logger="e2b_emulator")
     task = asyncio.create_task(serve("127.0.0.1", 0, Faults(), True))
-    await eventually(lambda: any("url=" in r.getMessage() for r in caplog.records))
-    line = next(r.getMessage() for r in caplog.records if "url=" in r.getMessage())
-    url = line.split("url=")[1].split()[0]
+
+    def listening() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if getattr(r, "action", None) == "emulator.listening"]
+
+    await eventually(lambda: bool(listening()))
+    url = listening()[0].url
     assert (await request(http, "POST", f"{url}/sandboxes/any/pause"))[0] == 204
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
