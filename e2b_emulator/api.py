@@ -152,7 +152,7 @@ class Api:
         }
         if call.fault:
             extra["fault"] = call.fault
-        logger.debug("%s %s answered %s", call.op, call.sandbox_id or "-", status, extra=extra)
+        logger.debug("call answered", extra=extra)
 
     def _find(self, sandbox_id: str | None) -> Box | None:
         return self._fleet.find(sandbox_id, self._faults().missing, self._now())

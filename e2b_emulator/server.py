@@ -146,9 +146,7 @@ class Emulator:
         )
         if state == "paused":
             model.pause(box, now)
-        logger.debug(
-            "sandbox %s added", sandbox_id, extra={"action": "emulator.added", "sandbox_id": sandbox_id}
-        )
+        logger.debug("sandbox added", extra={"action": "emulator.added", "sandbox_id": sandbox_id})
         return model.snapshot(box, now)
 
     def state_of(self, sandbox_id: str) -> str | None:
@@ -203,9 +201,7 @@ class Emulator:
 
     def _outside(self, change: str, sandbox_id: str) -> None:
         logger.info(
-            "sandbox %s %s outside the API",
-            sandbox_id,
-            change,
+            f"sandbox {change} outside the API",
             extra={"action": f"emulator.{change}_outside", "sandbox_id": sandbox_id},
         )
 
@@ -240,8 +236,7 @@ async def serve(host: str, port: int, faults: Faults, auto_create: bool) -> None
     emulator = Emulator(host, port, faults=faults, auto_create=auto_create)
     url = await emulator.start()
     logger.info(
-        "emulator listening on %s",
-        url,
+        "emulator listening",
         extra={"action": "emulator.listening", "url": url, "auto_create": auto_create},
     )
     try:
