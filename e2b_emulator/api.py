@@ -144,6 +144,8 @@ class Api:
     def _record(self, call: InFlight, status: int) -> None:
         call.recorded = True
         self._log.record(Call(call.method, call.op, call.sandbox_id, status, call.at))
+        if not logger.isEnabledFor(logging.DEBUG):  # a benchmark makes thousands of calls a second
+            return
         extra: dict[str, Any] = {
             "action": "emulator.call",
             "op": call.op,

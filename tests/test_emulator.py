@@ -626,6 +626,34 @@ async def test_new_fault_fields_are_checked(emulator: Emulator, http: aiohttp.Cl
         Faults(error_statuses=[200])
 
 
+async def test_every_call_is_logged_with_its_action_and_fault(
+    emulator: Emulator, http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="e2b_emulator")
+    emulator.add_sandbox("sbx")
+    await request(http, "GET", f"{emulator.url}/sandboxes/sbx")
+    emulator.faults.update({"error_rate": 1.0, "error_statuses": [503]})
+    await request(http, "POST", f"{emulator.url}/sandboxes/sbx/pause")
+    emulator.pause_outside("sbx")
+    logged = [
+        (
+            r.action,
+            getattr(r, "op", None),
+            r.sandbox_id,
+            getattr(r, "status", None),
+            getattr(r, "fault", None),
+        )
+        for r in caplog.records
+        if getattr(r, "action", "").startswith("emulator.")
+    ]
+    assert logged == [
+        ("emulator.added", None, "sbx", None, None),
+        ("emulator.call", "info", "sbx", 200, None),
+        ("emulator.call", "pause", "sbx", 503, "error"),
+        ("emulator.paused_outside", None, "sbx", None, None),
+    ]
+
+
 # -- control API: sandboxes and actions outside the API ---------------------------------
 
 
