@@ -19,6 +19,7 @@ RUN python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))
 
 COPY schemas/ schemas/
 COPY consumer/ consumer/
+COPY e2b_emulator/ e2b_emulator/
 RUN pip install . \
     && groupadd --system --gid 10001 autopause \
     && useradd --system --uid 10001 --gid autopause --create-home --home-dir /home/autopause \

@@ -201,7 +201,7 @@ def emulator(
 ) -> None:
     """Serve the E2B API emulator (for demos and tests; point AUTOPAUSE_E2B_API_URL at it)."""
     settings_or_exit(ctx)
-    from consumer.emulator import Faults, serve
+    from e2b_emulator import Faults, serve
 
     faults = Faults(latency=latency, error_rate=error_rate, timeout_rate=timeout_rate, rate_limit=rate_limit)
     try:

@@ -19,7 +19,6 @@ import asyncpg
 
 from consumer import broker, runner
 from consumer.e2b_adapter import E2BClient
-from consumer.emulator import Emulator
 from consumer.operations import savings
 from consumer.settings import Settings
 from consumer.store import Store
@@ -122,6 +121,8 @@ def render(snap: dict[str, Any], *, elapsed: float, duration: float, published: 
 
 
 async def run_demo(base: Settings, *, duration: float, users: int, idle_timeout: float, out: TextIO) -> int:
+    from e2b_emulator import Emulator
+
     settings = demo_settings(base, idle_timeout)
     await reset(settings)
     async with Emulator(auto_create=True, api_key=DEMO_KEY) as emulator:

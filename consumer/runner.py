@@ -14,15 +14,17 @@ import signal
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from aio_pika.abc import AbstractRobustConnection
 
 from consumer import broker, health
-from consumer.emulator import Emulator
 from consumer.errors import BrokerUnavailable, ConfigError, StoreUnavailable
 from consumer.settings import Settings
 from consumer.store import Store
+
+if TYPE_CHECKING:
+    from e2b_emulator import Emulator
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +106,8 @@ async def run(
         await channel.close()
         e2b_url = settings.e2b_api_url
         if settings.emulator and "worker" in roles:
+            from e2b_emulator import Emulator
+
             emulator = Emulator(auto_create=True)
             e2b_url = await emulator.start()
             log.warning("using the built-in E2B emulator", extra={"action": "e2b.emulator", "url": e2b_url})

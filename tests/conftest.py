@@ -22,9 +22,9 @@ import pytest
 from pydantic import SecretStr
 
 from consumer.broker import Names, declare_topology, delete_topology, message, publish_all
-from consumer.emulator import Emulator
 from consumer.settings import Settings, load_settings
 from consumer.store import Store
+from e2b_emulator import Emulator
 
 ROOT = Path(__file__).resolve().parent.parent
 AMQP_URL = os.environ.get("AUTOPAUSE_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")

@@ -26,11 +26,11 @@ from test_pause import ids, seed, tick, work
 
 from consumer import runner
 from consumer.broker import PAUSE_ROUTING_KEY, REASON_HEADER, Names, message, publish_all
-from consumer.emulator import Emulator
 from consumer.ingest import Rejected, parse
 from consumer.settings import Settings
 from consumer.state import Event
 from consumer.store import Store
+from e2b_emulator import Emulator
 from schemas import COMMAND_ADAPTER, EVENT_TYPES
 
 pytestmark = pytest.mark.abuse

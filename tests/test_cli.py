@@ -13,9 +13,9 @@ from conftest import ago, autopause, event, isolated_env, publish
 
 from consumer import runner
 from consumer.broker import Names
-from consumer.emulator import Emulator
 from consumer.settings import Settings
 from consumer.store import Store
+from e2b_emulator import Emulator
 
 KEY = "e2b_cli_test_key"
 

@@ -41,10 +41,10 @@ from pydantic import SecretStr
 
 from consumer import runner
 from consumer.broker import PAUSE_ROUTING_KEY, Names, declare_topology, message
-from consumer.emulator import Emulator
 from consumer.health import Health, serve
 from consumer.runner import check_e2b
 from consumer.settings import Settings, load_settings
+from e2b_emulator import Emulator
 from schemas import EVENT_TYPES
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -20,7 +20,7 @@ from e2b.exceptions import (
 from e2b.exceptions import TimeoutException as E2BTimeout
 
 from consumer.e2b_adapter import E2BClient, E2BError, PauseOutcome, PauseResult, classify
-from consumer.emulator import Emulator, Faults
+from e2b_emulator import Emulator, Faults
 
 KEY = "e2b_adapter_test_key"
 

@@ -41,11 +41,11 @@ from test_pause import KEY, ids, states, tick
 from consumer import runner
 from consumer.broker import Names, declare_topology, message, publish_all
 from consumer.broker import connect as broker_connect
-from consumer.emulator import Emulator, Faults
 from consumer.health import Health
 from consumer.scheduler import Scheduler
 from consumer.settings import Settings
 from consumer.store import Store
+from e2b_emulator import Emulator, Faults
 
 pytestmark = pytest.mark.fault
 

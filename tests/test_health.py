@@ -14,8 +14,8 @@ from tcpproxy import Proxy
 
 from consumer import runner
 from consumer.broker import connection_name
-from consumer.emulator import Emulator
 from consumer.settings import Settings
+from e2b_emulator import Emulator
 
 
 def free_port() -> int:

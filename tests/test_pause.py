@@ -16,9 +16,9 @@ from conftest import ago, autopause, event, isolated_env, publish, wait_for
 
 from consumer import runner
 from consumer.broker import PAUSE_ROUTING_KEY, Names, message
-from consumer.emulator import Emulator, Faults
 from consumer.settings import PauseMode, Settings
 from consumer.store import Store
+from e2b_emulator import Emulator, Faults
 from schemas import Outcome, PauseCommand
 
 
