@@ -33,7 +33,7 @@ import orjson
 from aio_pika.abc import AbstractIncomingMessage
 from aiormq.abc import DeliveredMessage
 
-from consumer.broker import Names, connect
+from consumer.broker import Broker, Names
 from consumer.ingest import Rejected, parse
 from consumer.settings import Settings, load_settings
 
@@ -82,7 +82,7 @@ async def raw(settings: Settings, count: int, finish: Finish, *, underlay: bool 
     no per-message wrapper), the path ingest consumes through; else through
     aio-pika's ``queue.consume``.
     """
-    connection = await connect(settings, "bench-raw")
+    connection = (await Broker.connect(settings, "bench-raw")).connection
     done = asyncio.Event()
     seen = 0
     first = last = 0.0
@@ -136,7 +136,7 @@ async def naive(settings: Settings, count: int, finish: Finish) -> None:
     )
     upsert = await db.prepare(NAIVE_UPSERT)
     skew = timedelta(seconds=settings.clock_skew)
-    connection = await connect(settings, "bench-naive")
+    connection = (await Broker.connect(settings, "bench-naive")).connection
     seen = rejected = 0
     first = last = 0.0
     async with connection:

@@ -52,14 +52,14 @@ def indexes_used(plan: str) -> list[str]:
 
 async def one_tick(settings: Settings, store: Store, conn: asyncpg.Connection) -> dict[str, Any]:
     """Run one tick through the scheduler role; its wall time and what it recorded."""
-    connection = await broker.connect(settings, "bench-tick")
+    opened = await broker.Broker.connect(settings, "bench-tick")
     try:
-        scheduler = Scheduler(settings, store, connection, Health())
+        scheduler = Scheduler(settings, store, opened, Health())
         timer = Timer()
         await scheduler.run(asyncio.Event(), once=True)
         seconds = timer.elapsed
     finally:
-        await connection.close()
+        await opened.close()
     row = await conn.fetchrow(
         """SELECT claimed, skipped, error, extract(epoch FROM finished_at - started_at) AS recorded
            FROM scheduler_ticks ORDER BY started_at DESC LIMIT 1"""

@@ -416,7 +416,7 @@ def generate(
             loop.add_signal_handler(sig, stop.set)
         if duration:
             loop.call_later(duration, stop.set)
-        connection = await broker.connect(settings, "generator")
+        connection = (await broker.Broker.connect(settings, "generator")).connection
         async with connection:
             channel = await connection.channel(publisher_confirms=True)
             exchange = await channel.get_exchange(

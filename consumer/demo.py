@@ -137,7 +137,7 @@ async def run_demo(base: Settings, *, duration: float, users: int, idle_timeout:
         service = asyncio.create_task(
             runner.run(settings, set(runner.ROLES), stop=stop_service), name="service"
         )
-        connection = await broker.connect(settings, "demo-traffic")
+        connection = (await broker.Broker.connect(settings, "demo-traffic")).connection
         try:
             channel = await connection.channel(publisher_confirms=True)
             exchange = await channel.get_exchange(broker.Names(settings.topology_prefix).events_exchange)

@@ -1,14 +1,15 @@
 """The one module that talks to E2B, through the real ``e2b`` SDK.
 
 It turns what the SDK returns or raises into the service's own outcomes, so
-the worker decides on a :class:`PauseOutcome` and never sees an SDK type::
+the worker decides on an :class:`CallOutcome` and never sees an SDK type::
 
-    pause answer                          outcome
-    204 (SDK: True)                       PAUSED
-    409 (SDK: False)                      ALREADY_PAUSED
-    404 SandboxNotFoundException          GONE
-    429, 5xx, timeouts, connection errors RETRYABLE
-    401 and anything else                 FAILED, with a short error text
+    answer                                        outcome
+    pause 204 (SDK: True)                         PAUSED
+    pause 409 (SDK: False)                        ALREADY_PAUSED
+    get_info / connect 200, 201                   OK, with what E2B says of the sandbox
+    404 SandboxNotFoundException                  GONE
+    429, 503 (busy), 5xx, timeouts, no connection RETRYABLE
+    401 and anything else                         FAILED, with a short error text
 
 The SDK's own response retries are off (``retries=0``): the worker retries
 with its own backoff under its own rate limit, so every request that reaches
@@ -20,9 +21,11 @@ text.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime
 from enum import StrEnum
 from typing import TypeVar
 
@@ -48,9 +51,10 @@ _MAX_ERROR_CHARS = 300
 T = TypeVar("T")
 
 
-class PauseOutcome(StrEnum):
-    """What a pause call achieved, as far as the worker has to know."""
+class CallOutcome(StrEnum):
+    """What an E2B call achieved, as far as the worker has to know."""
 
+    OK = "ok"
     PAUSED = "paused"
     ALREADY_PAUSED = "already_paused"
     GONE = "gone"
@@ -58,13 +62,28 @@ class PauseOutcome(StrEnum):
     FAILED = "failed"
 
 
-@dataclass(frozen=True)
-class PauseResult:
-    """The outcome of one pause call; ``latency`` is its wall time in seconds."""
+# The longest lifetime E2B gives a sandbox (its Pro plan), for a resume.
+MAX_LIFETIME_S = 86_400
 
-    outcome: PauseOutcome
+
+@dataclass(frozen=True)
+class SandboxView:
+    """What E2B says of one sandbox."""
+
+    state: str  # "running" or "paused"
+    end_at: datetime | None
+    cpu_count: int | None = None
+    memory_mb: int | None = None
+
+
+@dataclass(frozen=True)
+class CallResult:
+    """The outcome of one call; ``latency`` is its wall time in seconds."""
+
+    outcome: CallOutcome
     error: str | None = None
     latency: float = 0.0
+    sandbox: SandboxView | None = None
 
 
 class E2BError(AutopauseError):
@@ -103,19 +122,45 @@ class E2BClient:
             "debug": False,
         }
 
-    async def pause(self, sandbox_id: str) -> PauseResult:
+    async def pause(self, sandbox_id: str) -> CallResult:
         """Pause ``sandbox_id``; every API answer becomes a result, none raises."""
         started = time.monotonic()
         if not self._api_key:
-            return PauseResult(PauseOutcome.FAILED, "no E2B API key configured")
+            return CallResult(CallOutcome.FAILED, "no E2B API key configured")
         try:
             async with asyncio.timeout(self._timeout + 1):
                 paused = await AsyncSandbox.pause(sandbox_id, mode=self._mode, **self._opts)
         except Exception as exc:
             outcome = classify(exc)
-            return PauseResult(outcome, self._describe(exc), time.monotonic() - started)
-        outcome = PauseOutcome.PAUSED if paused else PauseOutcome.ALREADY_PAUSED
-        return PauseResult(outcome, None, time.monotonic() - started)
+            return CallResult(outcome, self._describe(exc), time.monotonic() - started)
+        outcome = CallOutcome.PAUSED if paused else CallOutcome.ALREADY_PAUSED
+        return CallResult(outcome, None, time.monotonic() - started)
+
+    async def info(self, sandbox_id: str) -> CallResult:
+        """What E2B says of ``sandbox_id`` (state, end of life, size); every answer becomes a result."""
+        started = time.monotonic()
+        try:
+            info = await self._call(lambda: AsyncSandbox.get_info(sandbox_id, **self._opts))
+        except _Gone:
+            return CallResult(CallOutcome.GONE, None, time.monotonic() - started)
+        except E2BError as exc:
+            outcome = CallOutcome.RETRYABLE if exc.retryable else CallOutcome.FAILED
+            return CallResult(outcome, str(exc), time.monotonic() - started)
+        view = SandboxView(str(info.state.value), info.end_at, info.cpu_count, info.memory_mb)
+        return CallResult(CallOutcome.OK, None, time.monotonic() - started, view)
+
+    async def resume(self, sandbox_id: str, lifetime_s: float) -> CallResult:
+        """Resume ``sandbox_id`` (connect) and let it live ``lifetime_s`` seconds from now."""
+        started = time.monotonic()
+        timeout = max(1, min(MAX_LIFETIME_S, math.ceil(lifetime_s)))
+        try:
+            await self._call(lambda: AsyncSandbox.connect(sandbox_id, timeout=timeout, **self._opts))
+        except _Gone:
+            return CallResult(CallOutcome.GONE, None, time.monotonic() - started)
+        except E2BError as exc:
+            outcome = CallOutcome.RETRYABLE if exc.retryable else CallOutcome.FAILED
+            return CallResult(outcome, str(exc), time.monotonic() - started)
+        return CallResult(CallOutcome.OK, None, time.monotonic() - started)
 
     async def connect(self, sandbox_id: str) -> bool:
         """Resume ``sandbox_id`` if paused: True when it runs afterwards, False when gone."""
@@ -150,10 +195,10 @@ class E2BClient:
                 return await call()
         except Exception as exc:
             outcome = classify(exc)
-            if outcome is PauseOutcome.GONE:
+            if outcome is CallOutcome.GONE:
                 raise _Gone from None
             # from None: an httpx exception holds the request, with the key in its headers.
-            raise E2BError(self._describe(exc), retryable=outcome is PauseOutcome.RETRYABLE) from None
+            raise E2BError(self._describe(exc), retryable=outcome is CallOutcome.RETRYABLE) from None
 
     def _describe(self, exc: BaseException) -> str:
         """A short error text, with the API key scrubbed out."""
@@ -167,12 +212,12 @@ class _Gone(Exception):
     """The sandbox does not exist (any more)."""
 
 
-def classify(exc: BaseException) -> PauseOutcome:
+def classify(exc: BaseException) -> CallOutcome:
     """Map an exception from an SDK call to an outcome; success is mapped by the caller."""
     if isinstance(exc, NotFoundException):
-        return PauseOutcome.GONE
+        return CallOutcome.GONE
     if isinstance(exc, AuthenticationException):
-        return PauseOutcome.FAILED
+        return CallOutcome.FAILED
     if isinstance(
         exc,
         RateLimitException
@@ -184,11 +229,11 @@ def classify(exc: BaseException) -> PauseOutcome:
         | TimeoutError  # our asyncio.timeout bound
         | ConnectionError,
     ):
-        return PauseOutcome.RETRYABLE
+        return CallOutcome.RETRYABLE
     if isinstance(exc, SandboxException):
         status = exc.status_code or 0
         if status == 404:
-            return PauseOutcome.GONE
+            return CallOutcome.GONE
         if status in _RETRYABLE_STATUSES or status >= 500:
-            return PauseOutcome.RETRYABLE
-    return PauseOutcome.FAILED
+            return CallOutcome.RETRYABLE
+    return CallOutcome.FAILED

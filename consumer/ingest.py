@@ -1,58 +1,50 @@
 """The ingest role: sandbox events from RabbitMQ into the session table.
 
-Messages are parsed at the edge (size, JSON, contract) as they arrive, then
-collected into a batch closed by size or by time. A batch is one Postgres
-transaction (events coalesced per sandbox, the state machine applied), then
-its invalid messages are dead-lettered with their reason and the whole batch
-is acked with one multiple-ack. Nothing is acked before its commit, so a
-crash anywhere means redelivery, never loss; the rules are idempotent, so
-redelivery is harmless.
+Messages are parsed at the edge (size, JSON, contract, against a clock read
+at most a second earlier) as they arrive, then collected into a batch closed
+by size or by time. A batch is one Postgres transaction (events coalesced per
+sandbox, the state machine applied); then exactly its deliveries are settled:
+the committed events acked, the invalid ones dead-lettered with their reason.
+While Postgres is unavailable, the batch is held and retried; dead letters the
+broker refuses are held and retried while later batches go on. On a stop
+meanwhile, what is held is left to the broker, which delivers it again.
+The rules are idempotent, so redelivery is harmless.
 
-Deliveries are taken from aio-pika's underlying aiormq channel: profiling
-showed aio-pika's per-message wrapper costing more CPU than all of the
-parsing, deciding and writing done here (docs/benchmarks.md). aio-pika still
-owns the connection, its recovery and the topology; the consumer is
-registered again on every channel it reopens.
+Each replica beats into ``ingest_replicas`` and sends itself probes through
+the events queue. A probe committed with a batch proves that every event
+published before the probe was sent has been committed or dead-lettered: that
+is the watermark the scheduler claims against.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import aio_pika
-import aiormq
-from aio_pika.abc import AbstractExchange, AbstractRobustChannel, AbstractRobustConnection
-from aio_pika.exceptions import AMQPError
-from aiormq.abc import DeliveredMessage
+import orjson
 from pydantic import ValidationError
 
 from consumer import metrics
-from consumer.broker import (
-    DETAIL_HEADER,
-    REASON_HEADER,
-    ROUTING_KEY_HEADER,
-    UNAVAILABLE,
-    Names,
-    connection_name,
-    declare_topology,
-    message,
-    publish_all,
-    queue_depth,
-)
-from consumer.errors import StoreRejected, StoreUnavailable
+from consumer.broker import PROBE_ROUTING_KEY, Broker, Consumer, DeadLetter, Delivery, Outgoing, Publisher
+from consumer.errors import BrokerUnavailable, StoreRejected, StoreUnavailable
 from consumer.health import Health
+from consumer.retrying import Stopping, retrying, sleep_or_stop
 from consumer.settings import Settings
 from consumer.state import Event, apply, coalesce
 from consumer.store import Store
 from schemas import EVENT_ADAPTER
 
 log = logging.getLogger(__name__)
+
+# Producers we keep a clock-skew series for; later ones share the label "other".
+MAX_PRODUCERS = 100
 
 
 @dataclass(frozen=True)
@@ -71,6 +63,15 @@ def parse(body: bytes, *, limit: int, context: dict[str, Any]) -> Event | Reject
         return EVENT_ADAPTER.validate_json(body, context=context)
     except ValidationError as exc:
         return _rejection(exc)
+
+
+def parse_probe(body: bytes) -> datetime | Rejected:
+    """A watermark probe: the time its sender read from the database before sending it."""
+    try:
+        sent = datetime.fromisoformat(orjson.loads(body)["sent_at"])
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        return Rejected("invalid_probe", "a probe carries {'sent_at': RFC 3339 time}")
+    return sent if sent.tzinfo else Rejected("invalid_probe", "sent_at needs an offset")
 
 
 def _rejection(exc: ValidationError) -> Rejected:
@@ -92,102 +93,150 @@ def _rejection(exc: ValidationError) -> Rejected:
     return Rejected(reason, detail[:500])
 
 
+def producer_skews(events: list[tuple[Delivery, Event]], arrived: datetime) -> dict[str, float]:
+    """Per producer, seconds between ``arrived`` and its newest stamp in the batch. Pure.
+
+    Transit only adds to it, so the newest stamp gives the best view of how far
+    the producer's clock is behind (positive) or ahead (negative).
+    """
+    newest: dict[str, datetime] = {}
+    for delivery, event in events:
+        producer = delivery.producer
+        if producer not in newest or event.occurred_at > newest[producer]:
+            newest[producer] = event.occurred_at
+    return {producer: (arrived - at).total_seconds() for producer, at in newest.items()}
+
+
 @dataclass
 class Batch:
-    messages: list[DeliveredMessage] = field(default_factory=list)
-    events: list[tuple[DeliveredMessage, Event]] = field(default_factory=list)
-    rejected: list[tuple[DeliveredMessage, Rejected]] = field(default_factory=list)
+    deliveries: int = 0
+    events: list[tuple[Delivery, Event]] = field(default_factory=list)
+    rejected: list[DeadLetter] = field(default_factory=list)
+    probes: list[tuple[Delivery, datetime]] = field(default_factory=list)
     opened: float = 0.0
 
     def __len__(self) -> int:
-        return len(self.messages)
+        return self.deliveries
 
 
 class Ingest:
     """One ingest consumer: ``run()`` until ``stop`` is set (or, in burst mode, the queue is empty)."""
 
     def __init__(
-        self,
-        settings: Settings,
-        store: Store,
-        connection: AbstractRobustConnection,
-        health: Health,
-        *,
-        burst: bool = False,
+        self, settings: Settings, store: Store, broker: Broker, health: Health, *, burst: bool = False
     ) -> None:
         self.settings = settings
         self.store = store
-        self.connection = connection
+        self.broker = broker
         self.health = health
         self.burst = burst
-        self.names = Names(settings.topology_prefix)
+        self.replica = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
         self.batch = Batch()
         self.arrived = asyncio.Event()  # the batch got its first message
         self.full = asyncio.Event()  # the batch reached batch_size
         self.last_delivery = time.monotonic()
         self.default_timeout = timedelta(seconds=settings.default_idle_timeout)
         self.skew = timedelta(seconds=settings.clock_skew)
-        self.tag = f"{connection_name('ingest').replace(' ', '-')}-{id(self):x}"
+        # the validation clock: read again once it is this old, a small part of the skew allowed
+        self.clock_age = min(1.0, settings.clock_skew / 10)
+        self.clock_read = float("-inf")
         self.context: dict[str, Any] = {}
+        self.abandoned = False  # deliveries were left to the broker on a stop
+        self.producers: dict[str, float] = {}  # producer -> when its skew was last warned about
+        self.consumer: Consumer | None = None
+        self.held_dead: list[DeadLetter] = []  # refused by the dead-letter queue, tried again
+        self.dead_delay = 0.1
+        self.dead_retry_at = 0.0
 
-    def _on_message(self, msg: DeliveredMessage) -> None:
-        batch = self.batch
-        if not batch.messages:
-            batch.opened = time.monotonic()
-            # the clock of a batch: far finer than the skew allowance, and read once, not per event
+    def _on_delivery(self, delivery: Delivery) -> None:
+        now = time.monotonic()
+        if now - self.clock_read > self.clock_age:
             self.context = {"now": datetime.now(UTC), "clock_skew": self.skew}
-        parsed = parse(msg.body, limit=self.settings.max_message_bytes, context=self.context)
-        batch.messages.append(msg)
-        if isinstance(parsed, Rejected):
-            batch.rejected.append((msg, parsed))
+            self.clock_read = now
+        batch = self.batch
+        if not batch.deliveries:
+            batch.opened = now
+        batch.deliveries += 1
+        if delivery.routing_key == PROBE_ROUTING_KEY:
+            probe = parse_probe(delivery.body)
+            if isinstance(probe, Rejected):
+                batch.rejected.append(DeadLetter(delivery, probe.reason, probe.detail))
+            else:
+                batch.probes.append((delivery, probe))
         else:
-            batch.events.append((msg, parsed))
-        self.last_delivery = time.monotonic()
-        if len(batch) == 1:
+            parsed = parse(delivery.body, limit=self.settings.max_message_bytes, context=self.context)
+            if isinstance(parsed, Rejected):
+                batch.rejected.append(DeadLetter(delivery, parsed.reason, parsed.detail))
+            else:
+                batch.events.append((delivery, parsed))
+        self.last_delivery = now
+        if batch.deliveries == 1:
             self.arrived.set()
-        if len(batch) >= self.settings.batch_size:
+        if batch.deliveries >= self.settings.batch_size:
             self.full.set()
 
-    async def _consume(self, msg: DeliveredMessage) -> None:
-        self._on_message(msg)
-
-    async def _subscribe(self, channel: AbstractRobustChannel) -> aiormq.abc.AbstractChannel:
-        """Register the consumer on the channel's current aiormq channel."""
-        underlay = await channel.get_underlay_channel()
-        await underlay.basic_consume(self.names.events_queue, self._consume, consumer_tag=self.tag)
-        return underlay
-
     async def run(self, stop: asyncio.Event) -> None:
-        channel = await self.connection.channel(publisher_confirms=True)
-        await declare_topology(channel, self.settings)
-        await channel.set_qos(prefetch_count=self.settings.prefetch)
-        dlx = await channel.get_exchange(self.names.dead_letter_exchange)
-
-        async def resubscribe(_: Any) -> None:
-            await self._subscribe(channel)
-            log.warning("consuming again after a reconnect", extra={"action": "ingest.resubscribe"})
-
-        await self._subscribe(channel)
-        channel.reopen_callbacks.add(resubscribe)
+        self.consumer = await self.broker.consumer(
+            self.broker.names.events_queue,
+            prefetch=self.settings.prefetch,
+            on_delivery=self._on_delivery,
+            role="ingest",
+        )
+        prober = (
+            None
+            if self.burst
+            else await self.broker.publisher(self.broker.names.events_exchange, confirm=True)
+        )
+        beats = None
+        if prober is not None:
+            beats = asyncio.create_task(self._beat_forever(prober, stop), name="ingest-heartbeat")
         self.health.set("consuming", True)
-        log.info("ingest consuming", extra={"action": "ingest.start", "queue": self.names.events_queue})
+        log.info(
+            "ingest consuming",
+            extra={
+                "action": "ingest.start",
+                "queue": self.broker.names.events_queue,
+                "replica": self.replica,
+            },
+        )
         try:
-            await self._loop(stop, dlx)
+            await self._loop(stop)
         finally:
             self.health.set("consuming", False)
-            channel.reopen_callbacks.discard(resubscribe)
-            if not channel.is_closed:
-                await (await channel.get_underlay_channel()).basic_cancel(self.tag)
-                # deliveries that raced the cancel are in the batch: finish them
-                if len(self.batch):
-                    await self._flush(dlx, stop=None)
-                await channel.close()
-            log.info("ingest stopped", extra={"action": "ingest.stop"})
+            await self.consumer.cancel()
+            if beats is not None:
+                beats.cancel()
+                await asyncio.gather(beats, return_exceptions=True)
+            if len(self.batch):
+                # deliveries that raced the cancel: one try, nothing is waited out now
+                await self._flush(_stopped())
+            held = self.consumer.unsettled
+            await self.consumer.close()
+            if prober is not None:
+                await prober.close()
+                await self._leave(held)
+            log.info("ingest stopped", extra={"action": "ingest.stop", "left_to_broker": held})
 
-    async def _loop(self, stop: asyncio.Event, dlx: AbstractExchange) -> None:
+    async def _leave(self, held: int) -> None:
+        """Remove our heartbeat row, unless we left deliveries to the broker.
+
+        Deliveries left behind go back to the queue; until the broker hands them
+        out again, our row's old watermark must keep holding the scheduler back
+        (the row retires itself after ``ingest_retire_after``).
+        """
+        if held or self.abandoned or self.held_dead:
+            return
+        try:
+            await self.store.forget_ingest(self.replica)
+        except StoreUnavailable as exc:
+            log.warning("heartbeat row left behind", extra={"action": "ingest.leave", "error": str(exc)})
+
+    async def _loop(self, stop: asyncio.Event) -> None:
         interval = self.settings.flush_interval
         while not stop.is_set():
             self.health.beat("ingest")
+            if self.held_dead and time.monotonic() >= self.dead_retry_at:
+                await self._dead_letter([])
             if not len(self.batch):
                 if self.burst and await self._drained():
                     return
@@ -199,138 +248,167 @@ class Ingest:
                 self.full.clear()
                 await _wait_any(stop, self.full, timeout=remaining)
                 continue
-            await self._flush(dlx, stop=stop)
+            await self._flush(stop)
 
     async def _drained(self) -> bool:
         if time.monotonic() - self.last_delivery < self.settings.flush_interval:
             return False
-        ready, _ = await queue_depth(self.connection, self.names.events_queue)
-        return ready == 0
+        state = await self.broker.queue_state(self.broker.names.events_queue)
+        return state.ready == 0
 
-    async def _flush(self, dlx: AbstractExchange, stop: asyncio.Event | None) -> None:
-        """Write the batch, dead-letter its invalid messages, ack it. Retries while Postgres is down."""
+    async def _flush(self, stop: asyncio.Event) -> None:
+        """Commit the batch, settle exactly its deliveries; hold it while a service is away."""
+        assert self.consumer is not None
         batch, self.batch = self.batch, Batch()
         started = time.perf_counter()
-        rejected = list(batch.rejected)
-        if batch.events:
-            refused = await self._commit(batch.events, stop)
-            if refused is None:
-                return  # shutting down with Postgres away: the broker redelivers the batch
-            rejected += refused
-        if rejected:
-            try:
-                await publish_all(dlx, (("events", _dead_letter(m, r)) for m, r in rejected))
-            except (*UNAVAILABLE, AMQPError) as exc:
-                # unacked, the batch comes back after the reconnect; its events are idempotent
-                log.error("dead-letter failed", extra={"action": "ingest.dlx_failed", "error": str(exc)})
-                return
-            for _, why in rejected:
-                metrics.EVENTS_REJECTED.labels(why.reason).inc()
-                log.warning(
-                    "event rejected",
-                    extra={"action": "ingest.reject", "reason": why.reason, "detail": why.detail},
+        # probes that came on an earlier channel go back to the queue: someone commits them again
+        probes = [sent for d, sent in batch.probes if self.consumer.holds(d)]
+        try:
+            refused = await self._commit(batch.events, stop) if batch.events else []
+            refused_ids = {id(r.delivery) for r in refused}
+            await self.consumer.settle(
+                [d for d, _ in batch.events if id(d) not in refused_ids] + [d for d, _ in batch.probes]
+            )
+            await self._dead_letter(batch.rejected + refused)
+            if probes:
+                watermark = max(probes)
+                await self._retry(
+                    "watermark", lambda: self.store.advance_watermark(self.replica, watermark), stop
                 )
-        await _ack(batch.messages)
+        except Stopping:
+            self.abandoned = True
+            log.warning(
+                "stopping with a batch unsettled: left to the broker",
+                extra={"action": "ingest.abandon", "deliveries": len(batch)},
+            )
+            return
         metrics.BATCH_SIZE.observe(len(batch))
         metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
 
-    async def _commit(
-        self, items: list[tuple[DeliveredMessage, Event]], stop: asyncio.Event | None
-    ) -> list[tuple[DeliveredMessage, Rejected]] | None:
-        """Apply events in one transaction; return those Postgres refused, or None to give up.
+    async def _retry(self, what: str, attempt: Any, stop: asyncio.Event) -> Any:
+        def alive() -> None:
+            self.health.beat("ingest")  # waiting on purpose is alive
+            self.health.set("database", False)
+
+        return await retrying(what, attempt, stop, role="ingest", on_outage=alive)
+
+    async def _commit(self, items: list[tuple[Delivery, Event]], stop: asyncio.Event) -> list[DeadLetter]:
+        """Apply events in one transaction; return the dead letters of those Postgres refused.
 
         Postgres refusing a batch for its data (not for being down) is found
         out by halving the batch until the culprit stands alone: it is
         dead-lettered, every other event is applied, and nothing loops.
         """
         try:
-            await self._apply([event for _, event in items], stop)
+            await self._apply(items, stop)
         except StoreRejected as exc:
             if len(items) == 1:
-                return [(items[0][0], Rejected("rejected_by_database", str(exc)[:500]))]
+                return [DeadLetter(items[0][0], "rejected_by_database", str(exc)[:500])]
             half = len(items) // 2
-            first = await self._commit(items[:half], stop)
-            second = await self._commit(items[half:], stop) if first is not None else None
-            return None if first is None or second is None else first + second
-        except _Stopping:
-            return None
+            return await self._commit(items[:half], stop) + await self._commit(items[half:], stop)
         return []
 
-    async def _apply(self, events: list[Event], stop: asyncio.Event | None) -> None:
-        """Commit ``events``, waiting out a database outage (raises _Stopping if told to stop meanwhile)."""
+    async def _apply(self, items: list[tuple[Delivery, Event]], stop: asyncio.Event) -> None:
+        """Commit the events of ``items``, waiting out a database outage."""
+        events = [event for _, event in items]
         deltas = coalesce(events)
-        delay = 0.2
-        while True:
-            try:
-                outcome = await self.store.apply_batch(
-                    deltas, lambda row, delta: apply(row, delta, self.default_timeout)
-                )
-                break
-            except StoreUnavailable as exc:
-                metrics.STORE_ERRORS.labels("ingest").inc()
-                self.health.set("database", False)
-                self.health.beat("ingest")  # waiting on purpose is alive
-                log.error(
-                    "database unavailable, batch held",
-                    extra={"action": "ingest.store_down", "error": str(exc), "retry_in": delay},
-                )
-                if stop is None or await _wait_any(stop, timeout=delay):
-                    raise _Stopping from exc
-                delay = min(delay * 2, 10.0)
+        arrived = datetime.now(UTC)
+        default_timeout = self.default_timeout
+        outcome = await self._retry(
+            "batch held",
+            lambda: self.store.apply_batch(deltas, lambda row, d: apply(row, d, default_timeout, arrived)),
+            stop,
+        )
         self.health.set("database", True)
-        now = datetime.now(UTC)
-        counts: dict[str, int] = defaultdict(int)
-        for event in events:
-            counts[event.type] += 1
-            metrics.INGEST_LAG.observe((now - event.occurred_at).total_seconds())
-        for event_type, n in counts.items():
-            metrics.EVENTS_INGESTED.labels(event_type).inc(n)
+        self._count(items, arrived)
         for t in outcome.transitions:
             metrics.TRANSITIONS.labels("ingest", t.to_state.value, t.reason).inc()
         if outcome.stale_events:
             metrics.EVENTS_STALE.inc(outcome.stale_events)
 
+    def _count(self, items: list[tuple[Delivery, Event]], arrived: datetime) -> None:
+        counts: dict[str, int] = defaultdict(int)
+        for _, event in items:
+            counts[event.type] += 1
+            metrics.INGEST_LAG.observe((arrived - event.occurred_at).total_seconds())
+        for event_type, n in counts.items():
+            metrics.EVENTS_INGESTED.labels(event_type).inc(n)
+        for producer, skew in producer_skews(items, arrived).items():
+            self._track_skew(producer, skew)
 
-class _Stopping(Exception):
-    """The process is stopping while Postgres is away: leave the batch to the broker."""
+    def _track_skew(self, producer: str, skew: float) -> None:
+        if producer not in self.producers and len(self.producers) >= MAX_PRODUCERS:
+            producer = "other"
+        metrics.PRODUCER_SKEW.labels(producer).set(skew)
+        now = time.monotonic()
+        if abs(skew) > self.settings.producer_skew_warning and now - self.producers.get(producer, -1e9) > 60:
+            self.producers[producer] = now
+            log.warning(
+                "a producer's clock is off: its events arrive far from their stamps",
+                extra={"action": "ingest.producer_clock", "producer": producer, "skew_s": round(skew, 1)},
+            )
+        else:
+            self.producers.setdefault(producer, -1e9)
 
+    async def _dead_letter(self, items: list[DeadLetter]) -> None:
+        """Dead-letter ``items`` and those held before, with confirms; hold what the broker refuses.
 
-def _dead_letter(msg: DeliveredMessage, rejected: Rejected) -> aio_pika.Message:
-    properties = msg.header.properties
-    headers = {key: _portable(value) for key, value in (properties.headers or {}).items()}
-    headers[REASON_HEADER] = rejected.reason
-    headers[DETAIL_HEADER] = rejected.detail
-    headers[ROUTING_KEY_HEADER] = msg.routing_key or ""
-    return message(msg.body, message_id=properties.message_id, headers=headers)
-
-
-def _portable(value: Any) -> Any:
-    """A header value that can be published again: bytes that are not UTF-8 become text."""
-    if isinstance(value, bytes | bytearray):
-        return bytes(value).decode("utf-8", "backslashreplace")
-    if isinstance(value, dict):
-        return {str(k): _portable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_portable(v) for v in value]
-    return value
-
-
-async def _ack(messages: list[DeliveredMessage]) -> None:
-    """One multiple-ack per channel, of its highest delivery tag.
-
-    After a reconnect a batch may hold deliveries of the old channel; those
-    cannot be acked (the broker redelivers them) and must not block the others.
-    """
-    highest: dict[int, tuple[aiormq.abc.AbstractChannel, int]] = {}
-    for msg in messages:
-        tag = msg.delivery_tag or 0
-        if tag > highest.get(id(msg.channel), (msg.channel, 0))[1]:
-            highest[id(msg.channel)] = (msg.channel, tag)
-    for channel, tag in highest.values():
+        Held dead letters stay unsettled (in hand, not acked) and are tried
+        again with a backoff while ingest goes on with later batches: one
+        message the dead-letter queue cannot take yet never stops the others.
+        """
+        assert self.consumer is not None
+        consumer = self.consumer
+        # a delivery of a closed channel is the broker's again: it comes back and is judged again
+        pending = [d for d in (*self.held_dead, *items) if consumer.holds(d.delivery)]
+        if not pending:
+            self.held_dead = []
+            return
         try:
-            await channel.basic_ack(tag, multiple=True)
-        except (*UNAVAILABLE, AMQPError, aiormq.exceptions.AMQPError) as exc:
-            log.warning("ack lost with its channel", extra={"action": "ingest.ack_lost", "error": str(exc)})
+            refused = await consumer.dead_letter(pending)
+        except BrokerUnavailable as exc:
+            log.error("dead letters held", extra={"action": "ingest.outage", "error": str(exc)})
+            refused = [d for d in pending if consumer.holds(d.delivery)]
+        refused_ids = {id(d) for d in refused}
+        for item in pending:
+            if id(item) not in refused_ids:
+                metrics.EVENTS_REJECTED.labels(item.reason).inc()
+                log.warning(
+                    "event rejected",
+                    extra={"action": "ingest.reject", "reason": item.reason, "detail": item.detail},
+                )
+        self.held_dead = refused
+        if refused:
+            self.dead_delay = min(self.dead_delay * 2, 10.0)
+            self.dead_retry_at = time.monotonic() + self.dead_delay
+            log.error(
+                "dead letters refused by the broker, held",
+                extra={"action": "ingest.dlx_held", "messages": len(refused), "retry_in": self.dead_delay},
+            )
+        else:
+            self.dead_delay = 0.1
+
+    async def _beat_forever(self, prober: Publisher, stop: asyncio.Event) -> None:
+        """Beat and probe every ``ingest_beat_interval``. Failure policy: log, try again next beat."""
+        assert self.consumer is not None
+        while not stop.is_set():
+            metrics.INGEST_UNSETTLED.set(self.consumer.unsettled)
+            try:
+                now = await self.store.beat_ingest(
+                    self.replica, self.consumer.unsettled, self.consumer.unsettled_redelivered
+                )
+                body = orjson.dumps({"sent_at": now.isoformat(), "replica": self.replica})
+                await prober.publish([Outgoing(PROBE_ROUTING_KEY, body)])
+            except (StoreUnavailable, BrokerUnavailable) as exc:
+                log.debug("heartbeat skipped", extra={"action": "ingest.beat_failed", "error": str(exc)})
+            if await sleep_or_stop(stop, self.settings.ingest_beat_interval):
+                return
+
+
+def _stopped() -> asyncio.Event:
+    stopped = asyncio.Event()
+    stopped.set()
+    return stopped
 
 
 async def _wait_any(*events: asyncio.Event, timeout: float) -> bool:

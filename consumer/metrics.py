@@ -75,3 +75,14 @@ AUTO_PAUSE_ENABLED = Gauge(
 LAST_TICK_SUCCESS = Gauge(
     "autopause_last_successful_tick_timestamp_seconds", "Unix time of the last tick that ran without error"
 )
+OUTAGES = Counter(
+    "autopause_outage_retries_total",
+    "Operations held and retried while a service was away",
+    ["role", "service"],
+)
+DEAD_LETTERS = Counter(
+    "autopause_dead_letters_total", "Messages autopause dead-lettered, with the reason", ["queue", "reason"]
+)
+ACKS_VOID = Counter(
+    "autopause_acks_void_total", "Settled deliveries whose channel had closed; the broker redelivers them"
+)

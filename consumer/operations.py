@@ -13,13 +13,17 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractRobustConnection
+from aio_pika.abc import AbstractChannel
 
 from consumer import broker
-from consumer.errors import ConfigError, NotFound
-from consumer.scheduler import publish_commands
+from consumer.broker import Broker, Outgoing, translated
+from consumer.errors import BrokerUnavailable, ConfigError, NotFound
+from consumer.scheduler import pause_command
 from consumer.settings import Settings
 from consumer.store import Store
+
+# The most dead letters ``status`` reads to break them down by reason.
+DEAD_LETTERS_READ = 1000
 
 
 @contextlib.asynccontextmanager
@@ -33,16 +37,16 @@ async def open_store(settings: Settings) -> AsyncIterator[Store]:
 
 
 @contextlib.asynccontextmanager
-async def open_broker(
-    settings: Settings,
-) -> AsyncIterator[tuple[AbstractRobustConnection, AbstractChannel]]:
-    connection = await broker.connect(settings, "cli")
+async def open_broker(settings: Settings) -> AsyncIterator[tuple[Broker, AbstractChannel]]:
+    """The broker, with its topology declared, and a channel with confirms for reading dead letters."""
+    opened = await Broker.connect(settings, "cli")
     try:
-        channel = await connection.channel(publisher_confirms=True)
-        await broker.declare_topology(channel, settings)
-        yield connection, channel
+        await opened.declare_topology()
+        with translated("opening a channel"):
+            channel = await opened.connection.channel(publisher_confirms=True)
+        yield opened, channel
     finally:
-        await connection.close()
+        await opened.close()
 
 
 def savings(paused_seconds: float, price_per_second: float) -> float:
@@ -59,10 +63,13 @@ async def status(settings: Settings) -> dict[str, Any]:
         recent = await store.transitions_since(3600)
         paused_seconds = await store.paused_seconds()
     queues: dict[str, dict[str, int]] = {}
-    async with open_broker(settings) as (connection, _):
+    dead: dict[str, dict[str, int]] = {}
+    async with open_broker(settings) as (opened, _):
         for queue in (names.events_queue, names.pause_queue, names.events_dlq, names.pause_dlq):
-            ready, consumers = await broker.queue_depth(connection, queue)
-            queues[queue] = {"messages": ready, "consumers": consumers}
+            state = await opened.queue_state(queue)
+            queues[queue] = {"messages": state.ready, "consumers": state.consumers}
+        for which in ("events", "pause"):
+            dead[which] = await _reasons(opened, _dlq_name(settings, which))
     last_tick = None
     if tick is not None:
         last_tick = {
@@ -85,7 +92,7 @@ async def status(settings: Settings) -> dict[str, Any]:
             "pause_failed": sum(n for (_, reason), n in recent.items() if reason == "pause_failed"),
             "dry_run": sum(n for (_, reason), n in recent.items() if reason == "dry_run"),
         },
-        "dead_letters": queues[names.events_dlq]["messages"] + queues[names.pause_dlq]["messages"],
+        "dead_letters": dead,
         "paused_seconds": round(paused_seconds, 1),
         "savings_usd": round(savings(paused_seconds, settings.price_per_second), 4),
     }
@@ -137,9 +144,17 @@ async def pause_now(settings: Settings, sandbox_id: str) -> int:
             if row is None:
                 raise NotFound(f"no session for sandbox {sandbox_id!r}")
             raise ConfigError(f"sandbox {sandbox_id} is {row['state']}: only a RUNNING sandbox can be paused")
-        async with open_broker(settings) as (_, channel):
-            exchange = await channel.get_exchange(broker.Names(settings.topology_prefix).commands_exchange)
-            await publish_commands(exchange, [claim], "manual")
+        async with open_broker(settings) as (opened, _):
+            commands = await opened.publisher(opened.names.commands_exchange, confirm=True)
+            try:
+                confirmed = await commands.publish([Outgoing(*pause_command(claim, "manual"))])
+            except BrokerUnavailable:
+                confirmed = [False]
+            finally:
+                await commands.close()
+        if not all(confirmed):
+            await store.release_claims([claim], "publish_failed")
+            raise BrokerUnavailable("RabbitMQ did not take the pause command; the claim was released")
     return claim.generation
 
 
@@ -167,17 +182,52 @@ def _dlq_name(settings: Settings, which: str) -> str:
     return names.events_dlq if which == "events" else names.pause_dlq
 
 
+def dead_letter_reason(headers: dict[str, Any]) -> str:
+    """Why a message was dead-lettered. Pure.
+
+    autopause always sets its reason header on what it dead-letters itself; a
+    dead letter without it was made by the broker, most often because the
+    message came back more than ``x-delivery-limit`` times (a consumer that kept
+    crashing on it): that is reported as "delivery limit".
+    """
+    reason = headers.get(broker.REASON_HEADER)
+    if reason:
+        return str(reason)
+    deaths = headers.get("x-death")
+    if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict):
+        why = str(deaths[0].get("reason", ""))
+        return "delivery limit" if why == "delivery_limit" else f"broker: {why}"
+    return "unknown"
+
+
+async def _reasons(opened: Broker, queue: str) -> dict[str, int]:
+    """Dead letters of ``queue`` by reason, from the first DEAD_LETTERS_READ (left in place)."""
+    counts: dict[str, int] = {}
+    with translated(f"reading {queue}"):
+        channel = await opened.connection.channel()
+        try:
+            source = await channel.get_queue(queue)
+            for _ in range(DEAD_LETTERS_READ):
+                msg = await source.get(fail=False)
+                if msg is None:
+                    break
+                reason = dead_letter_reason(dict(msg.headers or {}))
+                counts[reason] = counts.get(reason, 0) + 1
+        finally:
+            await channel.close()  # what was read goes back, unacked
+    return counts
+
+
 def _dead_letter(msg: aio_pika.abc.AbstractIncomingMessage) -> DeadLetter:
     headers = msg.headers or {}
     deaths = headers.get("x-death")
     original = str(headers.get(broker.ROUTING_KEY_HEADER, "") or "")
-    reason = str(headers.get(broker.REASON_HEADER, "") or "")
+    reason = dead_letter_reason(dict(headers))
     if not original and isinstance(deaths, list) and deaths:
         first = deaths[0]
         if isinstance(first, dict):
             keys = first.get("routing-keys")
             original = str(keys[0]) if isinstance(keys, list) and keys else ""
-            reason = reason or f"broker: {first.get('reason', '')!s}"
     return DeadLetter(
         original or msg.routing_key or "",
         reason,
@@ -190,12 +240,13 @@ async def dlq_list(settings: Settings, which: str, limit: int) -> list[DeadLette
     """Read dead letters without removing them (they are requeued when the channel closes)."""
     queue_name = _dlq_name(settings, which)
     found: list[DeadLetter] = []
-    async with open_broker(settings) as (connection, _):
-        channel = await connection.channel()
-        queue = await channel.get_queue(queue_name)
-        while len(found) < limit and (msg := await queue.get(fail=False)) is not None:
-            found.append(_dead_letter(msg))
-        await channel.close()
+    async with open_broker(settings) as (opened, _):
+        with translated(f"reading {queue_name}"):
+            channel = await opened.connection.channel()
+            queue = await channel.get_queue(queue_name)
+            while len(found) < limit and (msg := await queue.get(fail=False)) is not None:
+                found.append(_dead_letter(msg))
+            await channel.close()
     return found
 
 

@@ -16,10 +16,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
-from aio_pika.abc import AbstractRobustConnection
-
-from consumer import broker, health
-from consumer.errors import BrokerUnavailable, ConfigError, StoreUnavailable
+from consumer import health
+from consumer.broker import Broker
+from consumer.errors import ConfigError
+from consumer.retrying import retrying
 from consumer.settings import Settings
 from consumer.store import Store
 
@@ -39,24 +39,17 @@ class Services:
 
     settings: Settings
     store: Store
-    connection: AbstractRobustConnection
+    broker: Broker
     health: health.Health
     e2b_url: str | None
 
 
-async def _retry(what: str, attempt: Callable[[], Awaitable[T]]) -> T:
+async def _retry(what: str, attempt: Callable[[], Awaitable[T]], stop: asyncio.Event) -> T:
     """Retry a start-up connection for a while: services in compose start in any order."""
     deadline = time.monotonic() + STARTUP_PATIENCE
-    delay = 0.5
-    while True:
-        try:
-            return await attempt()
-        except (StoreUnavailable, BrokerUnavailable) as exc:
-            if time.monotonic() + delay > deadline:
-                raise
-            log.warning(f"{what} not reachable yet", extra={"action": "startup.wait", "error": str(exc)})
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5)
+    return await retrying(
+        what, attempt, stop, role="startup", deadline=deadline, first_delay=0.5, max_delay=5
+    )
 
 
 def check_e2b(settings: Settings, roles: set[str]) -> None:
@@ -94,16 +87,15 @@ async def run(
             settings.database_schema,
             size=settings.db_pool_size,
         ),
+        stop,
     )
     emulator: Emulator | None = None
     runner = None
-    connection: AbstractRobustConnection | None = None
+    broker: Broker | None = None
     try:
-        await _retry("PostgreSQL", store.migrate)
-        connection = await _retry("RabbitMQ", lambda: broker.connect(settings, "+".join(sorted(roles))))
-        channel = await connection.channel()
-        await broker.declare_topology(channel, settings)
-        await channel.close()
+        await _retry("PostgreSQL", store.migrate, stop)
+        broker = await _retry("RabbitMQ", lambda: Broker.connect(settings, "+".join(sorted(roles))), stop)
+        await _retry("RabbitMQ", broker.declare_topology, stop)
         e2b_url = settings.e2b_api_url
         if settings.emulator and "worker" in roles:
             from e2b_emulator import Emulator
@@ -111,7 +103,7 @@ async def run(
             emulator = Emulator(auto_create=True)
             e2b_url = await emulator.start()
             log.warning("using the built-in E2B emulator", extra={"action": "e2b.emulator", "url": e2b_url})
-        services = Services(settings, store, connection, state, e2b_url)
+        services = Services(settings, store, broker, state, e2b_url)
         if settings.metrics_port:
             runner = await health.serve(state, settings.metrics_host, settings.metrics_port)
         return await _supervise(services, roles, stop, burst=burst, once=once)
@@ -120,8 +112,8 @@ async def run(
             await runner.cleanup()
         if emulator is not None:
             await emulator.stop()
-        if connection is not None:
-            await connection.close()
+        if broker is not None:
+            await broker.close()
         await store.close()
 
 
@@ -133,7 +125,7 @@ async def _supervise(
     from consumer.worker import Worker
 
     async def broker_up() -> bool:
-        return not services.connection.is_closed
+        return services.broker.is_open
 
     async def database_up() -> bool:
         await services.store.ping()
@@ -145,16 +137,16 @@ async def _supervise(
     )
     tasks: dict[asyncio.Task[None], str] = {}
     if "ingest" in roles:
-        ingest = Ingest(services.settings, services.store, services.connection, services.health, burst=burst)
+        ingest = Ingest(services.settings, services.store, services.broker, services.health, burst=burst)
         tasks[asyncio.create_task(ingest.run(stop), name="ingest")] = "ingest"
     if "scheduler" in roles:
-        scheduler = Scheduler(services.settings, services.store, services.connection, services.health)
+        scheduler = Scheduler(services.settings, services.store, services.broker, services.health)
         tasks[asyncio.create_task(scheduler.run(stop, once=once), name="scheduler")] = "scheduler"
     if "worker" in roles:
         worker = Worker(
             services.settings,
             services.store,
-            services.connection,
+            services.broker,
             services.health,
             services.e2b_url,
         )

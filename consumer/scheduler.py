@@ -2,31 +2,35 @@
 
 A tick runs once across all replicas (a row per scheduled time in
 ``scheduler_ticks``) and never overlaps another (an advisory lock held for its
-whole length). Claims are committed before their commands are published; a
-command lost in between is published again when its lease runs out.
+whole length). It claims only what ingest can vouch for (:func:`freshness_gate`):
+with no ingest consuming, beating and committing its watermark, it claims
+nothing and records why. Claims are committed before their commands are
+published; a command the broker does not confirm releases its claim at once,
+and one lost after its confirm is published again when its lease runs out.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import socket
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import aiocron
-from aio_pika.abc import AbstractExchange, AbstractRobustConnection
 
 from consumer import metrics
-from consumer.broker import PAUSE_ROUTING_KEY, Names, message, publish_all, queue_depth
-from consumer.errors import StoreUnavailable
+from consumer.broker import PAUSE_ROUTING_KEY, Broker, Names, Outgoing, Publisher, QueueState
+from consumer.errors import BrokerUnavailable, StoreUnavailable
 from consumer.health import Health
 from consumer.settings import Settings
-from consumer.store import Claim, Store
+from consumer.store import Claim, IngestView, Store
 from consumer.timing import iter_ticks
 from schemas import PauseCommand
 
@@ -40,6 +44,67 @@ class TickResult:
     expired: int = 0
     skipped: str | None = None
     error: str | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Gate:
+    """Whether a tick may claim, and up to which deadline; with the figures it judged by."""
+
+    claim_until: datetime | None
+    skipped: str | None
+    detail: dict[str, Any]
+
+
+def freshness_gate(
+    view: IngestView,
+    events: QueueState,
+    *,
+    stale_after: float,
+    max_lag: float,
+    backlog_limit: int,
+) -> Gate:
+    """Pure: may the tick claim, given the ingest replicas' rows and the events queue?
+
+    Claims need ingest to demonstrably keep up: a consumer on the events queue,
+    every consumer beating recently, a watermark on every replica row (also on
+    rows that went silent but have not retired: what they held went back to the
+    queue), no redelivered event in hand, and no deeper backlog than allowed.
+    A deadline is then claimable only up to the oldest watermark: every event
+    published before it has been committed.
+    """
+    now = view.now
+    fresh = [r for r in view.replicas if (now - r.beat_at).total_seconds() <= stale_after]
+    held = sum(r.held for r in fresh)
+    marks = [r.watermark for r in view.replicas]
+    watermark = min(marks) if marks and None not in marks else None  # type: ignore[type-var]
+    detail: dict[str, Any] = {
+        "consumers": events.consumers,
+        "ready": events.ready,
+        "held": held,
+        "replicas": len(view.replicas),
+        "fresh": len(fresh),
+        "watermark_age_s": round((now - watermark).total_seconds(), 3) if watermark else None,
+    }
+
+    def refuse(skipped: str, why: str) -> Gate:
+        return Gate(None, skipped, {**detail, "why": why})
+
+    if events.consumers == 0:
+        return refuse("ingest_stale", "no consumer on the events queue")
+    if not fresh:
+        return refuse("ingest_stale", f"no ingest heartbeat in the last {stale_after:g} s")
+    if events.consumers > len(fresh):
+        return refuse("ingest_stale", "a consumer of the events queue has no recent heartbeat")
+    if watermark is None:
+        return refuse("ingest_stale", "an ingest replica has committed no watermark yet")
+    if (now - watermark).total_seconds() > max_lag:
+        return refuse("ingest_stale", f"the ingest watermark is older than {max_lag:g} s")
+    if any(r.held_redelivered for r in fresh):
+        return refuse("ingest_stale", "redelivered events are in hand")
+    if events.ready + held > backlog_limit:
+        return refuse("backlog", f"{events.ready + held} events wait or are in hand")
+    return Gate(watermark, None, detail)
 
 
 def claim_budget(running: int, share: float, hard_cap: int, floor: int) -> int:
@@ -75,41 +140,30 @@ def pause_command(claim: Claim, reason: str) -> tuple[str, bytes, str]:
     return PAUSE_ROUTING_KEY, command.model_dump_json().encode(), str(command.command_id)
 
 
-async def publish_commands(exchange: AbstractExchange, claims: list[Claim], reason: str) -> None:
-    """Publish one confirmed pause command per claim."""
-    items = []
-    for claim in claims:
-        key, body, message_id = pause_command(claim, reason)
-        items.append((key, message(body, message_id=message_id)))
-    await publish_all(exchange, items)
-
-
 class Scheduler:
     """One scheduler replica."""
 
-    def __init__(
-        self, settings: Settings, store: Store, connection: AbstractRobustConnection, health: Health
-    ) -> None:
+    def __init__(self, settings: Settings, store: Store, broker: Broker, health: Health) -> None:
         self.settings = settings
         self.store = store
-        self.connection = connection
+        self.broker = broker
         self.health = health
         self.names = Names(settings.topology_prefix)
         self.replica = f"{socket.gethostname()}:{os.getpid()}"
         self.lock_name = f"autopause.tick.{settings.database_schema}.{settings.topology_prefix}"
         self.running = asyncio.Lock()
-        self.exchange: AbstractExchange | None = None
+        self.commands: Publisher | None = None
         self.current: asyncio.Task[TickResult] | None = None
 
     async def run(self, stop: asyncio.Event, *, once: bool = False) -> None:
-        channel = await self.connection.channel(publisher_confirms=True)
-        self.exchange = await channel.get_exchange(self.names.commands_exchange)
+        self.commands = await self.broker.publisher(self.names.commands_exchange, confirm=True)
         self.health.set("scheduler", True)
         self.health.beat("scheduler")
+        metrics.AUTO_PAUSE_ENABLED.set(1 if self.settings.auto_pause_enabled else 0)
         if once:
             result = await self.tick(datetime.now(UTC))
             log.info("tick done", extra={"action": "scheduler.once", **result.__dict__})
-            await channel.close()
+            await self.commands.close()
             return
         cron = aiocron.Cron(self.settings.tick_cron, self._fire, start=True, tz=UTC)
         log.info(
@@ -126,8 +180,7 @@ class Scheduler:
             if self.current is not None and not self.current.done():
                 with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
                     await asyncio.wait_for(asyncio.shield(self.current), self.settings.shutdown_grace)
-            if not channel.is_closed:
-                await channel.close()
+            await self.commands.close()
 
     def _fire(self) -> None:
         """aiocron's callback: start a tick unless the previous one is still running."""
@@ -151,6 +204,8 @@ class Scheduler:
         outcome = result.skipped or ("error" if result.error else "ran")
         metrics.TICKS.labels(outcome).inc()
         metrics.TICK_SECONDS.observe(time.perf_counter() - started)
+        if not result.error:
+            metrics.LAST_TICK_SUCCESS.set(time.time())
         self.health.beat("scheduler")
         level = logging.ERROR if result.error else logging.INFO
         log.log(
@@ -179,35 +234,64 @@ class Scheduler:
                 expired=result.expired,
                 skipped=result.skipped,
                 error=result.error,
+                detail=result.detail or None,
             )
             for state, count in (await self.store.count_by_state()).items():
                 metrics.SESSIONS.labels(state).set(count)
             return result
 
     async def _work(self) -> TickResult:
-        assert self.exchange is not None
         settings = self.settings
-        republished = 0
-        while renewed := await self.store.renew_expired_leases(
-            settings.pause_lease, settings.claim_batch_size
-        ):
-            await publish_commands(self.exchange, renewed, "lease_expired")
-            republished += len(renewed)
-            metrics.CLAIMS.labels("lease_expired").inc(len(renewed))
-            if len(renewed) < settings.claim_batch_size:
-                break
+        republished, error = await self._renew_leases()
         expired = 0
         if settings.retention_days > 0:
             expired = await self.store.expire_paused(settings.retention_days, 100_000)
+        if not settings.dry_run:
+            await self.store.unpark_dry_run(settings.default_idle_timeout, 100_000)
+        await self.store.retire_ingest(settings.ingest_retire_after)
+        done = TickResult(republished=republished, expired=expired, error=error)
         if not settings.auto_pause_enabled:
-            return TickResult(republished=republished, expired=expired, skipped="disabled")
-        backlog, _ = await queue_depth(self.connection, self.names.events_queue)
-        if backlog > settings.events_backlog_limit:
+            return dataclasses.replace(done, skipped="disabled")
+        events = await self.broker.queue_state(self.names.events_queue)
+        self._sample(events, await self.broker.queue_state(self.names.pause_queue))
+        view = await self.store.ingest_view()
+        gate = freshness_gate(
+            view,
+            events,
+            stale_after=settings.ingest_stale_after,
+            max_lag=settings.ingest_max_lag,
+            backlog_limit=settings.events_backlog_limit,
+        )
+        age = gate.detail["watermark_age_s"]
+        if age is not None:
+            metrics.WATERMARK_LAG.set(age)
+        if gate.claim_until is None:
             log.warning(
-                "events backlog too deep, claiming nothing",
-                extra={"action": "scheduler.backlog", "backlog": backlog},
+                "ingest cannot vouch for idleness, claiming nothing",
+                extra={"action": "scheduler.gate", "skipped": gate.skipped, **gate.detail},
             )
-            return TickResult(republished=republished, expired=expired, skipped="backlog")
+            return dataclasses.replace(done, skipped=gate.skipped, detail=gate.detail)
+        claimed, claim_error = await self._claim(gate.claim_until)
+        return dataclasses.replace(done, claimed=claimed, error=error or claim_error, detail=gate.detail)
+
+    def _sample(self, events: QueueState, pause: QueueState) -> None:
+        for queue, state in ((self.names.events_queue, events), (self.names.pause_queue, pause)):
+            metrics.QUEUE_MESSAGES.labels(queue).set(state.ready)
+            metrics.QUEUE_CONSUMERS.labels(queue).set(state.consumers)
+
+    async def _renew_leases(self) -> tuple[int, str | None]:
+        """Send again the commands of claims whose lease ran out; (how many went out, error)."""
+        batch = self.settings.claim_batch_size
+        republished = 0
+        while renewed := await self.store.renew_expired_leases(self.settings.pause_lease, batch):
+            sent, error = await self._send(renewed, "lease_expired")
+            republished += sent
+            if error or len(renewed) < batch:
+                return republished, error
+        return republished, None
+
+    async def _claim(self, until: datetime) -> tuple[int, str | None]:
+        settings = self.settings
         budget = claim_budget(
             await self.store.running_count(),
             settings.claim_max_share,
@@ -216,10 +300,33 @@ class Scheduler:
         )
         claimed = 0
         while claimed < budget:
-            claims = await self.store.claim_idle(min(settings.claim_batch_size, budget - claimed))
+            claims = await self.store.claim_idle(min(settings.claim_batch_size, budget - claimed), until)
             if not claims:
                 break
-            await publish_commands(self.exchange, claims, "idle")
-            claimed += len(claims)
-            metrics.CLAIMS.labels("idle").inc(len(claims))
-        return TickResult(claimed=claimed, republished=republished, expired=expired)
+            sent, error = await self._send(claims, "idle")
+            claimed += sent
+            if error:
+                return claimed, error
+        return claimed, None
+
+    async def _send(self, claims: list[Claim], reason: str) -> tuple[int, str | None]:
+        """Publish a command per claim; release at once the claims whose command did not go out."""
+        assert self.commands is not None
+        items = [Outgoing(*pause_command(claim, reason)) for claim in claims]
+        error = None
+        try:
+            confirmed = await self.commands.publish(items)
+        except BrokerUnavailable as exc:
+            confirmed, error = [False] * len(claims), f"broker: {exc}"
+        refused = [claim for claim, ok in zip(claims, confirmed, strict=True) if not ok]
+        if refused:
+            released = await self.store.release_claims(refused, "publish_failed")
+            metrics.CLAIMS_RELEASED.labels("publish_failed").inc(released)
+            error = error or f"the broker refused {len(refused)} of {len(claims)} commands"
+            log.error(
+                "pause commands not published; their claims released",
+                extra={"action": "scheduler.release", "released": released, "error": error},
+            )
+        sent = len(claims) - len(refused)
+        metrics.CLAIMS.labels(reason).inc(sent)
+        return sent, error

@@ -85,6 +85,12 @@ class Settings(BaseSettings):
     events_queue_max_length: int = Field(
         0, ge=0, description="cap on the events queue (0: none); overflow rejects publishes"
     )
+    ingest_beat_interval: Positive = Field(
+        1.0, le=10, description="seconds between an ingest replica's heartbeats (and watermark probes)"
+    )
+    producer_skew_warning: Positive = Field(
+        60, description="warn when a producer's events arrive this many seconds off their stamps"
+    )
 
     # scheduler
     tick_cron: str = Field("* * * * *", description="cron spec of the idle tick (5 or 6 fields)")
@@ -96,9 +102,18 @@ class Settings(BaseSettings):
     claim_hard_cap: int = Field(10_000, ge=1, description="most claims in one tick")
     claim_min_per_tick: int = Field(10, ge=0, description="a small fleet may always lose this many per tick")
     events_backlog_limit: int = Field(
-        10_000, ge=0, description="the tick claims nothing while more events wait"
+        10_000, ge=0, description="the tick claims nothing while more events wait or are in hand"
     )
-    pause_lease: Positive = Field(300, description="seconds before an unfinished pause is resent")
+    ingest_stale_after: Positive = Field(
+        5, description="the tick claims nothing when no ingest heartbeat is this recent"
+    )
+    ingest_max_lag: Positive = Field(
+        60, description="the tick claims nothing when the ingest watermark is older than this"
+    )
+    ingest_retire_after: Positive = Field(
+        120, description="seconds before a silent ingest replica no longer holds the watermark back"
+    )
+    pause_lease: Positive = Field(600, description="seconds before an unfinished pause is resent")
     retention_days: float = Field(30, ge=0, description="PAUSED rows older than this become EXPIRED (0: off)")
     auto_pause_enabled: bool = Field(True, description="kill switch: false stops claiming")
 
@@ -112,6 +127,16 @@ class Settings(BaseSettings):
     retry_base_delay: Positive = Field(0.5, description="first retry backoff in seconds")
     retry_max_delay: Positive = Field(30, description="largest retry backoff in seconds")
     retry_after: Positive = Field(300, description="seconds a failed sandbox is left alone")
+    repair_interval: Positive = Field(
+        1.0, le=60, description="seconds between looks for sandboxes a pause may have hit in use"
+    )
+    resume_timeout: int = Field(
+        3600,
+        ge=60,
+        le=86_400,
+        description="lifetime in seconds given to a sandbox resumed after a pause hit it in use,"
+        " when its end time before the pause is unknown",
+    )
     dry_run: bool = Field(False, description="record would-be pauses, call nothing")
     pause_mode: PauseMode = Field(PauseMode.FULL, description="full (memory+disk) or filesystem")
 
@@ -171,6 +196,17 @@ class Settings(BaseSettings):
             raise ValueError("retry_max_delay must be at least retry_base_delay")
         if self.prefetch < self.batch_size:
             raise ValueError("prefetch must be at least batch_size")
+        if self.command_budget > self.pause_lease:
+            raise ValueError(
+                f"{env_name('pause_lease')} ({self.pause_lease:g} s) must be longer than a pause command"
+                f" can take: {env_name('pause_max_attempts')} ({self.pause_max_attempts}) attempts of two"
+                f" calls of {env_name('e2b_request_timeout')} ({self.e2b_request_timeout:g} s) each, plus"
+                f" their backoff, is {self.command_budget:g} s; raise the lease or lower the others"
+            )
+        if self.ingest_max_lag < self.ingest_stale_after:
+            raise ValueError(
+                f"{env_name('ingest_max_lag')} must be at least {env_name('ingest_stale_after')}"
+            )
         return self
 
     # derived values, kept here so that every role sizes itself the same way
@@ -178,6 +214,20 @@ class Settings(BaseSettings):
     def worker_rate(self) -> float:
         """This process's share of the E2B call rate."""
         return self.e2b_rate_limit / self.worker_replicas
+
+    @property
+    def attempt_hold(self) -> float:
+        """Seconds one pause attempt holds its row: its two E2B calls at their bound, and a margin."""
+        return 2 * (self.e2b_request_timeout + 1) + 5
+
+    @property
+    def command_budget(self) -> float:
+        """The longest a pause command can take: every attempt and the backoff between them."""
+        backoff = sum(
+            min(self.retry_max_delay, self.retry_base_delay * 2.0**k)
+            for k in range(self.pause_max_attempts - 1)
+        )
+        return float(self.pause_max_attempts * self.attempt_hold + backoff)
 
     @property
     def e2b_key(self) -> str | None:
@@ -197,9 +247,13 @@ def load_settings(**overrides: Any) -> Settings:
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
-            field = ".".join(str(part) for part in error["loc"]) or "settings"
+            text = str(error["msg"]).removeprefix("Value error, ")
+            field = ".".join(str(part) for part in error["loc"])
+            if not field:  # a rule over several settings names them itself
+                problems.append(text)
+                continue
             name = env_name(field) if field in Settings.model_fields else field
-            problems.append(f"{name}: {error['msg']}")
+            problems.append(f"{name}: {text}")
         raise ConfigError("invalid settings: " + "; ".join(problems)) from None
 
 

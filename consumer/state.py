@@ -52,6 +52,10 @@ class Session:
     killed_at: datetime | None = None
     keep_alive_until: datetime | None = None
     retry_after: datetime | None = None
+    last_arrived_at: datetime | None = None
+    resume_requested_at: datetime | None = None
+    attempt_id: UUID | None = None
+    dry_run_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +67,7 @@ class Transition:
     to_state: State
     reason: str
     generation: int
+    detail: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,21 +141,37 @@ class Applied:
 
 def pause_due(
     last_activity: datetime,
+    last_arrived_at: datetime | None,
     timeout: timedelta,
     keep_alive_until: datetime | None,
     retry_after: datetime | None,
 ) -> datetime:
-    """When a RUNNING session becomes eligible for a pause."""
+    """When a RUNNING session becomes eligible for a pause.
+
+    The idle timeout runs from the newest activity by its stamp *and* from the
+    arrival of the newest event, whichever is later: a producer whose clock
+    lags cannot make a sandbox whose events keep arriving look idle.
+    """
     due = last_activity + timeout
-    for later in (keep_alive_until, retry_after):
+    for later in (
+        last_arrived_at + timeout if last_arrived_at is not None else None,
+        keep_alive_until,
+        retry_after,
+    ):
         if later is not None and later > due:
             due = later
     return due
 
 
-def apply(current: Session | None, delta: Delta, default_timeout: timedelta) -> Applied:
-    """Apply a coalesced delta to a row (or to no row yet), per the design's state table."""
+def apply(current: Session | None, delta: Delta, default_timeout: timedelta, arrived_at: datetime) -> Applied:
+    """Apply a coalesced delta that arrived at ``arrived_at`` to a row (or to no row yet).
+
+    The rules are the design's state table. ``arrived_at`` is ingest's clock
+    when the batch is written; it counts for created and activity events only.
+    """
     transitions: list[Transition] = []
+    active = delta.created is not None or delta.activity_count > 0
+    born = current is None
     if current is None:
         # every event's time counts as activity: last_activity is the max of them all
         assert delta.last_activity is not None, "a delta always carries a time"
@@ -159,6 +180,7 @@ def apply(current: Session | None, delta: Delta, default_timeout: timedelta) -> 
             state=State.RUNNING,
             last_activity=delta.last_activity,
             pause_due_at=delta.last_activity + default_timeout,
+            last_arrived_at=arrived_at,
         )
         transitions.append(Transition(delta.sandbox_id, None, State.RUNNING, _birth(delta), 0))
 
@@ -168,6 +190,9 @@ def apply(current: Session | None, delta: Delta, default_timeout: timedelta) -> 
     last_activity = current.last_activity
     if delta.last_activity is not None and delta.last_activity > last_activity:
         last_activity = changes["last_activity"] = delta.last_activity
+    last_arrived = current.last_arrived_at
+    if active and (last_arrived is None or arrived_at > last_arrived):
+        last_arrived = changes["last_arrived_at"] = arrived_at
 
     new_state, reason = _next_state(current, delta)
     stale = delta.activity_count if current.state in TERMINAL and new_state is None else 0
@@ -175,9 +200,8 @@ def apply(current: Session | None, delta: Delta, default_timeout: timedelta) -> 
         transitions.append(
             Transition(current.sandbox_id, current.state, new_state, reason, current.generation)
         )
-        # only a PAUSING row has a claim; leaving it drops the claim
         changes["state"] = new_state
-        changes["claimed_activity"] = None
+        changes["resume_requested_at"] = _resume_request(current, new_state, arrived_at)
     if delta.killed_at is not None:
         killed_at = _min(current.killed_at, delta.killed_at)
         if killed_at != current.killed_at:
@@ -186,29 +210,53 @@ def apply(current: Session | None, delta: Delta, default_timeout: timedelta) -> 
     # A deadline that the worker or the CLI pushed out (dry run, retry-after,
     # keep-alive) stays until newer activity, a new timeout or a resume moves it.
     timeout_s = changes.get("idle_timeout_s", current.idle_timeout_s)
-    if "last_activity" in changes or timeout_s != current.idle_timeout_s or new_state is State.RUNNING:
+    moved = born or "last_activity" in changes or "last_arrived_at" in changes
+    if moved or timeout_s != current.idle_timeout_s or new_state is State.RUNNING:
         timeout = timedelta(seconds=timeout_s) if timeout_s is not None else default_timeout
-        due = pause_due(last_activity, timeout, current.keep_alive_until, current.retry_after)
+        due = pause_due(last_activity, last_arrived, timeout, current.keep_alive_until, current.retry_after)
         if due != current.pause_due_at:
             changes["pause_due_at"] = due
+        if current.dry_run_at is not None:
+            changes["dry_run_at"] = None
 
     row = dataclasses.replace(current, **changes) if changes else current
     return Applied(row, tuple(transitions), stale, changed=bool(changes or transitions))
 
 
 def _next_state(row: Session, delta: Delta) -> tuple[State | None, str]:
-    """The state a delta moves the row to, with the reason; None when it stays."""
+    """The state a delta moves the row to, with the reason; None when it stays.
+
+    Event times are compared with event times only: any activity after the
+    activity the claim saw counts as use, while the pause is pending and after
+    it is done (the claim's activity time stays on the row until the next claim).
+    """
     if delta.killed_at is not None:
         return (State.KILLED, "killed") if row.state is not State.KILLED else (None, "")
     if delta.last_activity is None or row.state in TERMINAL:
         return None, ""
+    seen_by_claim = row.claimed_activity or row.last_activity
     if row.state is State.PAUSING and (
         row.claimed_activity is None or delta.last_activity > row.claimed_activity
     ):
         return State.RUNNING, "activity_during_pause"
-    if row.state is State.PAUSED and (row.paused_at is None or delta.last_activity > row.paused_at):
+    if row.state is State.PAUSED and delta.last_activity > seen_by_claim:
         return State.RUNNING, "resumed"
     return None, ""
+
+
+def _resume_request(row: Session, to_state: State, arrived_at: datetime) -> datetime | None:
+    """When leaving PAUSING or PAUSED for use, whether a worker must make sure E2B runs the sandbox.
+
+    A PAUSED sandbox may have been paused while in use (the app may not have
+    resumed it); a PAUSING one may be, if a pause call had started. A worker
+    asks E2B and resumes it when it is paused: asking costs one read, missing
+    it leaves a user with a frozen sandbox.
+    """
+    if to_state is not State.RUNNING:
+        return None
+    if row.state is State.PAUSED or (row.state is State.PAUSING and row.attempt_id is not None):
+        return arrived_at
+    return row.resume_requested_at
 
 
 def _created_fields(row: Session, created: SandboxCreated) -> dict[str, Any]:

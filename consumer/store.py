@@ -1,19 +1,24 @@
 """The Postgres store: runs the named statements of ``sql/queries.sql`` and returns typed rows.
 
-asyncpg and OS errors that mean "the database is not there" become
-:class:`~consumer.errors.StoreUnavailable`; the roles retry on it.
+Errors are translated here. PostgreSQL refusing a value for its data (a data
+exception or a constraint) is :class:`~consumer.errors.StoreRejected`: retrying
+the same statement cannot help. Everything else the driver raises (the server
+gone or restarting, a read-only standby after a failover, a full disk, a
+cancelled statement) is :class:`~consumer.errors.StoreUnavailable`: the roles
+hold their work and retry, they never exit and never reject valid input.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from functools import cache
 from importlib import resources
 from typing import TYPE_CHECKING, Any
+from uuid import UUID
 
 import asyncpg
 import orjson
@@ -41,6 +46,8 @@ UNAVAILABLE = (
     asyncpg.exceptions.InternalClientError,
     TimeoutError,
 )
+# PostgreSQL refusing the data itself: retrying the same statement cannot help.
+REJECTED = (asyncpg.exceptions.DataError, asyncpg.exceptions.IntegrityConstraintViolationError)
 
 
 @cache
@@ -65,6 +72,69 @@ async def _keep_session(_: object) -> None:
 class Claim:
     sandbox_id: str
     generation: int
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """The compare-and-set before an E2B call: ``taken``, or why not."""
+
+    taken: bool
+    backed: bool  # the row still backs the command (when not taken: another attempt holds it)
+    claimed_activity: datetime | None = None
+    held_for: float = 0.0  # seconds the other attempt still holds the row
+
+
+@dataclass(frozen=True)
+class PauseEnd:
+    """What the worker writes when a pause attempt ends, and how the row is to move."""
+
+    to_state: State
+    reason: str
+    attempts: int
+    error: str | None = None
+    retry_after: datetime | None = None
+    due_at: datetime | None = None
+    dry_run_at: datetime | None = None
+    end_at: datetime | None = None
+    lifetime_left_s: float | None = None
+    check_e2b_later: bool = False
+
+
+@dataclass(frozen=True)
+class PauseFinished:
+    """The outcome of the closing compare-and-set: did the row move, and where is it now."""
+
+    moved: bool
+    state: State | None
+
+
+@dataclass(frozen=True)
+class Repair:
+    """A row whose sandbox may have been paused while in use."""
+
+    sandbox_id: str
+    last_activity: datetime
+    claimed_activity: datetime | None
+    lifetime_left_s: float | None
+
+
+@dataclass(frozen=True)
+class ReplicaBeat:
+    """One ingest replica as the scheduler sees it."""
+
+    replica: str
+    beat_at: datetime
+    held: int
+    held_redelivered: int
+    watermark: datetime | None
+
+
+@dataclass(frozen=True)
+class IngestView:
+    """The database's clock and every ingest replica's row, read together."""
+
+    now: datetime
+    replicas: tuple[ReplicaBeat, ...]
 
 
 @dataclass(frozen=True)
@@ -95,10 +165,14 @@ def _session(row: asyncpg.Record) -> Session:
         killed_at=row["killed_at"],
         keep_alive_until=row["keep_alive_until"],
         retry_after=row["retry_after"],
+        last_arrived_at=row["last_arrived_at"],
+        resume_requested_at=row["resume_requested_at"],
+        attempt_id=row["attempt_id"],
+        dry_run_at=row["dry_run_at"],
     )
 
 
-def _columns(sessions: list[Session], *, with_claim: bool) -> list[list[Any]]:
+def _columns(sessions: list[Session], *, for_update: bool) -> list[list[Any]]:
     columns: list[list[Any]] = [
         [s.sandbox_id for s in sessions],
         [s.project_id for s in sessions],
@@ -112,9 +186,11 @@ def _columns(sessions: list[Session], *, with_claim: bool) -> list[list[Any]]:
         [s.last_activity for s in sessions],
         [s.pause_due_at for s in sessions],
         [s.killed_at for s in sessions],
+        [s.last_arrived_at for s in sessions],
     ]
-    if with_claim:
-        columns.append([s.claimed_activity for s in sessions])
+    if for_update:
+        columns.append([s.resume_requested_at for s in sessions])
+        columns.append([s.dry_run_at for s in sessions])
     return columns
 
 
@@ -156,8 +232,28 @@ class Store:
                 yield conn
         except UNAVAILABLE as exc:
             raise StoreUnavailable(f"PostgreSQL unavailable: {type(exc).__name__}: {exc}") from exc
-        except (asyncpg.exceptions.DataError, asyncpg.exceptions.IntegrityConstraintViolationError) as exc:
+        except REJECTED as exc:
             raise StoreRejected(f"PostgreSQL refused the data: {type(exc).__name__}: {exc}") from exc
+        except asyncpg.exceptions.PostgresError as exc:
+            raise StoreUnavailable(f"PostgreSQL failed: {type(exc).__name__}: {exc}") from exc
+
+    async def _val(self, name: str, *args: Any) -> Any:
+        async with self._conn() as conn:
+            return await conn.fetchval(queries()[name], *args)
+
+    async def _row(self, name: str, *args: Any) -> asyncpg.Record | None:
+        async with self._conn() as conn:
+            return await conn.fetchrow(queries()[name], *args)
+
+    async def _rows(self, name: str, *args: Any) -> list[asyncpg.Record]:
+        async with self._conn() as conn:
+            return list(await conn.fetch(queries()[name], *args))
+
+    async def _exec(self, name: str, *args: Any) -> str:
+        """Run a statement; its status, e.g. ``UPDATE 3``."""
+        async with self._conn() as conn:
+            status: str = await conn.execute(queries()[name], *args)
+        return status
 
     async def migrate(self) -> list[int]:
         async with self._conn() as conn:
@@ -189,10 +285,10 @@ class Store:
                 changed = [a.session for sid, a in decided.items() if sid in current and a.changed]
                 inserted: set[str] = set()
                 if fresh:
-                    rows = await conn.fetch(sql["insert_sessions"], *_columns(fresh, with_claim=False))
+                    rows = await conn.fetch(sql["insert_sessions"], *_columns(fresh, for_update=False))
                     inserted = {r["sandbox_id"] for r in rows}
                 if changed:
-                    await conn.execute(sql["update_sessions"], *_columns(changed, with_claim=True))
+                    await conn.execute(sql["update_sessions"], *_columns(changed, for_update=True))
                 raced = {s.sandbox_id for s in fresh} - inserted
                 for sid, applied in decided.items():
                     if sid not in raced:
@@ -214,7 +310,19 @@ class Store:
             [t.reason for t in items],
             [actor] * len(items),
             [t.generation for t in items],
+            [orjson.dumps(t.detail).decode() if t.detail is not None else None for t in items],
         )
+
+    async def beat_ingest(self, replica: str, held: int, held_redelivered: int) -> datetime:
+        """Record that an ingest replica is alive and what it holds; return the database's clock."""
+        beat: datetime = await self._val("beat_ingest", replica, held, held_redelivered)
+        return beat
+
+    async def advance_watermark(self, replica: str, watermark: datetime) -> None:
+        await self._exec("advance_watermark", replica, watermark)
+
+    async def forget_ingest(self, replica: str) -> None:
+        await self._exec("forget_ingest", replica)
 
     # scheduler
 
@@ -243,21 +351,42 @@ class Store:
         expired: int,
         skipped: str | None,
         error: str | None,
+        detail: dict[str, Any] | None = None,
     ) -> None:
-        async with self._conn() as conn:
-            await conn.execute(
-                queries()["finish_tick"], tick_at, claimed, republished, expired, skipped, error
-            )
+        figures = orjson.dumps(detail).decode() if detail is not None else None
+        await self._exec("finish_tick", tick_at, claimed, republished, expired, skipped, error, figures)
 
     async def running_count(self) -> int:
-        async with self._conn() as conn:
-            return int(await conn.fetchval(queries()["running_count"]))
+        return int(await self._val("running_count"))
 
-    async def claim_idle(self, limit: int) -> list[Claim]:
-        """Move up to ``limit`` idle RUNNING rows to PAUSING with a new generation; commit; return them."""
-        async with self._conn() as conn:
-            rows = await conn.fetch(queries()["claim_idle"], limit)
+    async def claim_idle(self, limit: int, until: datetime) -> list[Claim]:
+        """Move up to ``limit`` RUNNING rows due by ``until`` (and now) to PAUSING; commit; return them."""
+        rows = await self._rows("claim_idle", limit, until)
         return [Claim(r["sandbox_id"], r["generation"]) for r in rows]
+
+    async def release_claims(self, claims: Sequence[Claim], reason: str) -> int:
+        """Return claims whose commands never went out to RUNNING, with their old deadline."""
+        if not claims:
+            return 0
+        ids, generations = [c.sandbox_id for c in claims], [c.generation for c in claims]
+        return int(await self._val("release_claims", ids, generations, reason))
+
+    async def unpark_dry_run(self, default_timeout_s: float, limit: int) -> int:
+        """Make rows a dry run parked due again; the number moved."""
+        status = await self._exec("unpark_dry_run", default_timeout_s, limit)
+        return int(status.split()[-1])
+
+    async def ingest_view(self) -> IngestView:
+        rows = await self._rows("ingest_replicas")
+        beats = tuple(
+            ReplicaBeat(r["replica"], r["beat_at"], r["held"], r["held_redelivered"], r["watermark"])
+            for r in rows
+            if r["replica"] is not None
+        )
+        return IngestView(rows[0]["now"], beats)
+
+    async def retire_ingest(self, silent_for_s: float) -> None:
+        await self._exec("retire_ingest", silent_for_s)
 
     async def claim_one(self, sandbox_id: str, reason: str, actor: str) -> Claim | None:
         async with self._conn() as conn:
@@ -265,52 +394,69 @@ class Store:
         return Claim(row["sandbox_id"], row["generation"]) if row else None
 
     async def renew_expired_leases(self, lease_s: float, limit: int) -> list[Claim]:
-        async with self._conn() as conn:
-            rows = await conn.fetch(queries()["renew_expired_leases"], lease_s, limit)
+        rows = await self._rows("renew_expired_leases", lease_s, limit)
         return [Claim(r["sandbox_id"], r["generation"]) for r in rows]
 
     async def expire_paused(self, days: float, limit: int) -> int:
-        async with self._conn() as conn:
-            return int(await conn.fetchval(queries()["expire_paused"], days, limit))
+        return int(await self._val("expire_paused", days, limit))
 
     # worker
 
-    async def command_backed(self, sandbox_id: str, generation: int) -> bool:
-        async with self._conn() as conn:
-            return await conn.fetchval(queries()["command_backed"], sandbox_id, generation) is not None
+    async def begin_attempt(self, claim: Claim, attempt_id: UUID, hold_s: float, attempts: int) -> Attempt:
+        """The compare-and-set before the E2B calls of one attempt (see queries.sql)."""
+        row = await self._row(
+            "begin_attempt", claim.sandbox_id, claim.generation, attempt_id, hold_s, attempts
+        )
+        if row is None:
+            return Attempt(taken=False, backed=False)
+        return Attempt(
+            bool(row["taken"]), bool(row["backed"]), row["claimed_activity"], float(row["held_for"] or 0)
+        )
 
-    async def finish_pause(
-        self,
-        claim: Claim,
-        to_state: State,
-        reason: str,
-        *,
-        attempts: int,
-        error: str | None = None,
-        retry_after: datetime | None = None,
-        due_at: datetime | None = None,
+    async def record_attempt(self, claim: Claim, attempt_id: UUID, attempts: int, error: str) -> None:
+        await self._exec("record_attempt", claim.sandbox_id, claim.generation, attempt_id, attempts, error)
+
+    async def finish_pause(self, claim: Claim, attempt_id: UUID, end: PauseEnd) -> PauseFinished:
+        """Compare-and-set the end of a pause; where the row is when it no longer backs the claim."""
+        row = await self._row(
+            "finish_pause",
+            claim.sandbox_id,
+            claim.generation,
+            attempt_id,
+            end.to_state.value,
+            end.error,
+            end.retry_after,
+            end.due_at,
+            end.dry_run_at,
+            end.attempts,
+            end.end_at,
+            end.lifetime_left_s,
+            end.check_e2b_later,
+            end.reason,
+        )
+        if row is None:
+            return PauseFinished(False, None)
+        return PauseFinished(bool(row["moved"]), State(row["state"]))
+
+    async def take_repairs(self, holder: UUID, hold_s: float, limit: int) -> list[Repair]:
+        rows = await self._rows("take_repairs", holder, hold_s, limit)
+        return [_repair(r) for r in rows]
+
+    async def take_own_repair(self, sandbox_id: str, attempt_id: UUID, hold_s: float) -> Repair | None:
+        row = await self._row("take_own_repair", sandbox_id, attempt_id, hold_s)
+        return _repair(row) if row is not None else None
+
+    async def finish_repair(
+        self, sandbox_id: str, holder: UUID, outcome: str, detail: dict[str, Any] | None
     ) -> bool:
-        """Compare-and-set the outcome of a pause; False if the row no longer backs the claim."""
-        async with self._conn() as conn:
-            moved = await conn.fetchval(
-                queries()["finish_pause"],
-                claim.sandbox_id,
-                claim.generation,
-                to_state.value,
-                error,
-                retry_after,
-                due_at,
-                attempts,
-                reason,
-            )
-        return bool(moved)
+        figures = orjson.dumps(detail).decode() if detail is not None else None
+        return bool(await self._val("finish_repair", sandbox_id, holder, outcome, figures))
 
-    async def record_attempt(self, claim: Claim, attempts: int, error: str) -> bool:
-        async with self._conn() as conn:
-            await conn.execute(
-                queries()["record_attempt"], claim.sandbox_id, claim.generation, attempts, error
-            )
-        return True
+    async def delay_repair(self, sandbox_id: str, holder: UUID, seconds: float) -> None:
+        await self._exec("delay_repair", sandbox_id, holder, seconds)
+
+    async def pending_repairs(self) -> int:
+        return int(await self._val("pending_repairs"))
 
     # operations
 
@@ -360,3 +506,7 @@ class Store:
     async def paused_seconds(self) -> float:
         async with self._conn() as conn:
             return float(await conn.fetchval(queries()["paused_seconds"]))
+
+
+def _repair(row: asyncpg.Record) -> Repair:
+    return Repair(row["sandbox_id"], row["last_activity"], row["claimed_activity"], row["lifetime_left_s"])

@@ -1,45 +1,50 @@
 """The worker role: carries out pause commands through the E2B adapter, concurrently.
 
-Per command: a compare-and-set check (the row must be PAUSING with the
-command's generation, else the command is acked and dropped with no E2B call),
-a rate-limiter token, the call, and the outcome written conditionally. Retryable
-failures back off with jitter, a bounded number of times; then the row goes back
-to RUNNING with ``last_error`` and a ``retry_after`` that the scheduler honours.
+Per command and attempt: a compare-and-set takes the row (it must be PAUSING
+with the command's generation, and no other attempt may hold it, so a copy of
+the command never calls E2B at the same time); E2B is asked for the sandbox
+(its state and end of life), then told to pause it; the outcome is written by
+a second compare-and-set. A command the row does not back is dropped with no
+E2B call. Retryable failures back off with jitter, a bounded number of times;
+then the row goes back to RUNNING with ``last_error`` and a ``retry_after``.
+
+A pause that raced with activity is repaired at once: when the closing
+compare-and-set finds the row RUNNING, the worker resumes the sandbox (with the
+lifetime it had left) and records ``paused_in_use``. Activity that lands after
+the pause was written is flagged on the row by ingest; every worker looks for
+such rows each ``repair_interval`` and does the same.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from functools import partial
 from typing import TypeVar
 
-from aio_pika.abc import AbstractExchange, AbstractIncomingMessage, AbstractRobustConnection
-from aio_pika.exceptions import AMQPError
 from pydantic import ValidationError
 
 from consumer import metrics
-from consumer.broker import UNAVAILABLE, Names, connection_name, message, queue_depth
-from consumer.e2b_adapter import E2BClient, PauseOutcome, PauseResult
-from consumer.errors import StoreUnavailable
+from consumer.broker import Broker, Consumer, DeadLetter, Delivery, Outgoing, Publisher
+from consumer.e2b_adapter import CallOutcome, CallResult, E2BClient, SandboxView
+from consumer.errors import BrokerUnavailable, StoreUnavailable
 from consumer.health import Health
 from consumer.ratelimit import TokenBucket
+from consumer.retrying import Stopping, retrying, sleep_or_stop
 from consumer.settings import PauseMode, Settings
 from consumer.state import State
-from consumer.store import Claim, Store
+from consumer.store import Claim, PauseEnd, Repair, Store
 from consumer.timing import backoff_delay
 from schemas import COMMAND_ADAPTER, Outcome, PauseCommand
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# A dry-run claim parks the row until newer activity moves its deadline.
+# A dry-run claim parks the row until newer activity moves its deadline, or a live scheduler.
 PARKED = datetime(9999, 1, 1, tzinfo=UTC)
 EMULATOR_KEY = "e2b_emulator"
 
@@ -53,37 +58,47 @@ class Decision:
     outcome_type: str | None = None
 
 
-def decide(result: PauseResult, attempt: int, max_attempts: int) -> Decision:
+def decide(result: CallResult, attempt: int, max_attempts: int) -> Decision:
     """Pure: the next step for a pause result on ``attempt`` (1-based)."""
     match result.outcome:
-        case PauseOutcome.PAUSED:
+        case CallOutcome.PAUSED:
             return Decision(State.PAUSED, "paused", "sandbox.paused")
-        case PauseOutcome.ALREADY_PAUSED:
+        case CallOutcome.ALREADY_PAUSED:
             return Decision(State.PAUSED, "already_paused", "sandbox.paused")
-        case PauseOutcome.GONE:
+        case CallOutcome.GONE:
             return Decision(State.KILLED, "gone", "sandbox.gone")
-        case PauseOutcome.RETRYABLE if attempt < max_attempts:
+        case CallOutcome.RETRYABLE if attempt < max_attempts:
             return Decision(None, "retry")
         case _:
             return Decision(State.RUNNING, "pause_failed", "sandbox.pause_failed")
+
+
+@dataclass(frozen=True)
+class Step:
+    """After one attempt: the command is finished, or wait (another attempt holds the row), or retry."""
+
+    finished: bool = False
+    called: bool = False  # a pause call was made, so E2B may have paused the sandbox
+    wait: float | None = None
+
+
+def lifetime_left(view: SandboxView | None, read_at: datetime) -> float | None:
+    """Seconds of life the sandbox had when E2B was asked, or None when unknown."""
+    if view is None or view.end_at is None:
+        return None
+    return max(0.0, (view.end_at - read_at).total_seconds())
 
 
 class Worker:
     """One worker process: ``settings.worker_concurrency`` pauses in flight at most."""
 
     def __init__(
-        self,
-        settings: Settings,
-        store: Store,
-        connection: AbstractRobustConnection,
-        health: Health,
-        e2b_url: str | None,
+        self, settings: Settings, store: Store, broker: Broker, health: Health, e2b_url: str | None
     ) -> None:
         self.settings = settings
         self.store = store
-        self.connection = connection
+        self.broker = broker
         self.health = health
-        self.names = Names(settings.topology_prefix)
         self.client = E2BClient(
             api_key=settings.e2b_key or EMULATOR_KEY,
             api_url=e2b_url,
@@ -95,43 +110,49 @@ class Worker:
         self.in_flight: set[asyncio.Task[None]] = set()
         self.last_delivery = time.monotonic()
         self.stop = asyncio.Event()
-        self.lifecycle: AbstractExchange | None = None
+        self.consumer: Consumer | None = None
+        self.outcomes: Publisher | None = None
 
     async def run(self, stop: asyncio.Event, *, burst: bool = False) -> None:
         self.stop = stop
+        names = self.broker.names
         # Outcomes are announcements (the row is the truth), published without
         # confirms: with them, publishing took about a sixth of the worker's time.
-        channel = await self.connection.channel(publisher_confirms=False)
-        await channel.set_qos(prefetch_count=self.settings.worker_concurrency)
-        queue = await channel.get_queue(self.names.pause_queue)
-        self.lifecycle = await channel.get_exchange(self.names.lifecycle_exchange)
-        tag = await queue.consume(
-            self._on_message,
-            consumer_tag=f"{connection_name('worker').replace(' ', '-')}-{id(self):x}",
+        self.outcomes = await self.broker.publisher(names.lifecycle_exchange, confirm=False)
+        self.consumer = await self.broker.consumer(
+            names.pause_queue,
+            prefetch=self.settings.worker_concurrency,
+            on_delivery=self._on_delivery,
+            role="worker",
         )
+        repairs = asyncio.create_task(self._repair_forever(stop), name="worker-repairs")
         self.health.set("consuming", True)
         log.info("worker consuming", extra={"action": "worker.start", "dry_run": self.settings.dry_run})
         try:
             while not stop.is_set():
                 self.health.beat("worker")
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), timeout=0.5 if burst else 5)
+                if await sleep_or_stop(stop, 0.5 if burst else 5):
+                    break
                 if burst and await self._drained():
                     break
         finally:
             self.health.set("consuming", False)
-            if not channel.is_closed:
-                await queue.cancel(tag)
+            await self.consumer.cancel()
             await self._finish_in_flight()
-            if not channel.is_closed:
-                await channel.close()
+            repairs.cancel()
+            await asyncio.gather(repairs, return_exceptions=True)
+            await self.consumer.close()
+            await self.outcomes.close()
             log.info("worker stopped", extra={"action": "worker.stop"})
 
     async def _drained(self) -> bool:
         if self.in_flight or time.monotonic() - self.last_delivery < 0.5:
             return False
-        ready, _ = await queue_depth(self.connection, self.names.pause_queue)
-        return ready == 0
+        try:
+            state = await self.broker.queue_state(self.broker.names.pause_queue)
+            return state.ready == 0 and await self.store.pending_repairs() == 0
+        except (StoreUnavailable, BrokerUnavailable):
+            return False
 
     async def _finish_in_flight(self) -> None:
         """Await in-flight pauses up to the grace period; the rest are redelivered."""
@@ -143,9 +164,9 @@ class Worker:
         if late:
             await asyncio.wait(late)
 
-    async def _on_message(self, msg: AbstractIncomingMessage) -> None:
+    def _on_delivery(self, delivery: Delivery) -> None:
         self.last_delivery = time.monotonic()
-        task = asyncio.create_task(self._handle(msg), name=f"pause-{msg.delivery_tag}")
+        task = asyncio.create_task(self._handle(delivery), name=f"pause-{delivery.tag}")
         self.in_flight.add(task)
         metrics.IN_FLIGHT.set(len(self.in_flight))
         task.add_done_callback(self._done)
@@ -153,136 +174,178 @@ class Worker:
     def _done(self, task: asyncio.Task[None]) -> None:
         self.in_flight.discard(task)
         metrics.IN_FLIGHT.set(len(self.in_flight))
-        if not task.cancelled() and task.exception() is not None:
-            log.error("pause handler failed", exc_info=task.exception(), extra={"action": "worker.crash"})
 
-    async def _handle(self, msg: AbstractIncomingMessage) -> None:
+    async def _handle(self, delivery: Delivery) -> None:
+        """One command, start to end. Failure policy: an unexpected error dead-letters the command
+        with its reason (the row stays PAUSING and its lease sends the command again)."""
+        assert self.consumer is not None
         try:
-            command = COMMAND_ADAPTER.validate_json(msg.body)
+            command = COMMAND_ADAPTER.validate_json(delivery.body)
         except ValidationError as exc:
             metrics.COMMANDS_DROPPED.labels("invalid").inc()
-            log.warning(
-                "invalid pause command",
-                extra={"action": "worker.invalid", "error": str(exc.errors()[0]["msg"])},
-            )
-            await msg.reject(requeue=False)
+            detail = str(exc.errors()[0]["msg"])[:500]
+            log.warning("invalid pause command", extra={"action": "worker.invalid", "error": detail})
+            await self._dead_letter(DeadLetter(delivery, "invalid_command", detail))
             return
         try:
             finished = await self._pause(command)
-        except (*UNAVAILABLE, AMQPError) as exc:
-            log.error(
-                "broker lost during a pause",
-                extra={"action": "worker.broker_lost", "error": str(exc)},
+        except Stopping:
+            return  # unsettled: the broker delivers it again
+        except Exception as exc:
+            log.error("pause handler failed", exc_info=exc, extra={"action": "worker.crash"})
+            await self._dead_letter(
+                DeadLetter(delivery, "worker_error", f"{type(exc).__name__}: {exc}"[:500])
             )
-            return  # unacked: redelivered after the reconnect
+            return
         if finished:
-            with contextlib.suppress(*UNAVAILABLE, AMQPError):
-                await msg.ack()
+            await self.consumer.settle([delivery])
 
-    async def _store(self, call: Callable[[], Awaitable[T]]) -> T | None:
-        """Run a store call, waiting out a database outage; None if the process stops meanwhile."""
-        delay = 0.2
-        while True:
-            try:
-                return await call()
-            except StoreUnavailable as exc:
-                metrics.STORE_ERRORS.labels("worker").inc()
-                log.error("database unavailable", extra={"action": "worker.store_down", "error": str(exc)})
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.stop.wait(), timeout=delay)
-                if self.stop.is_set():
-                    return None
-                delay = min(delay * 2, 10.0)
+    async def _dead_letter(self, item: DeadLetter) -> None:
+        assert self.consumer is not None
+        try:
+            if await self.consumer.dead_letter([item]):
+                log.error("dead letter refused; the command is redelivered", extra={"action": "worker.dlx"})
+        except BrokerUnavailable as exc:
+            log.error("dead letter lost with the broker", extra={"action": "worker.dlx", "error": str(exc)})
+
+    async def _retry(self, what: str, attempt: Callable[[], Awaitable[T]]) -> T:
+        return await retrying(
+            what, attempt, self.stop, role="worker", on_outage=lambda: self.health.beat("worker")
+        )
 
     async def _pause(self, command: PauseCommand) -> bool:
-        """Carry out one command; True when it is finished (ack it), False to leave it for redelivery."""
+        """Carry out one command; True when it is finished (settle it), False to leave it."""
         claim = Claim(command.sandbox_id, command.generation)
         settings = self.settings
-        for attempt in range(1, settings.pause_max_attempts + 1):
-            backed = await self._store(lambda: self.store.command_backed(claim.sandbox_id, claim.generation))
-            if backed is None:
-                return False
-            if not backed:
-                metrics.COMMANDS_DROPPED.labels("not_backed" if attempt == 1 else "superseded").inc()
-                log.info(
-                    "command not backed by its row, dropped",
-                    extra={
-                        "action": "worker.drop",
-                        "sandbox_id": claim.sandbox_id,
-                        "generation": claim.generation,
-                    },
-                )
+        attempt, called = 1, False
+        while True:
+            step = await self._attempt(claim, attempt, called)
+            if step.finished:
                 return True
-            if settings.dry_run:
-                return await self._finish(
-                    claim, Decision(State.RUNNING, "dry_run", "sandbox.paused"), attempt, None
-                )
-            waited = await self.bucket.take()
-            metrics.RATE_LIMIT_WAIT.observe(waited)
-            result = await self.client.pause(claim.sandbox_id)
-            metrics.E2B_LATENCY.labels("pause").observe(result.latency)
-            metrics.PAUSE_CALLS.labels(result.outcome.value).inc()
-            decision = decide(result, attempt, settings.pause_max_attempts)
-            if decision.to_state is not None:
-                return await self._finish(claim, decision, attempt, result.error)
-            if (
-                await self._store(
-                    partial(self.store.record_attempt, claim, attempt, result.error or "retryable")
-                )
-                is None
-            ):
-                return False
+            if step.wait is not None:
+                # Another attempt holds the row (a copy of this command, or a worker that died
+                # in its call): wait until its hold ends, then look again. Never two calls at once.
+                if await sleep_or_stop(self.stop, step.wait):
+                    return False
+                continue
+            called = called or step.called
             delay = backoff_delay(attempt, settings.retry_base_delay, settings.retry_max_delay)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stop.wait(), timeout=delay)
-            if self.stop.is_set():
+            if await sleep_or_stop(self.stop, delay):
                 return False
-        raise AssertionError("the last attempt always decides")  # pragma: no cover
+            attempt += 1
 
-    async def _finish(self, claim: Claim, decision: Decision, attempts: int, error: str | None) -> bool:
+    async def _attempt(self, claim: Claim, attempt: int, called_before: bool) -> Step:
+        """One attempt of ``claim``, numbered ``attempt``; what to do next."""
+        settings = self.settings
+        attempt_id = uuid.uuid4()
+        took = await self._retry(
+            "compare-and-set",
+            lambda: self.store.begin_attempt(claim, attempt_id, settings.attempt_hold, attempt),
+        )
+        if not took.taken and took.backed:
+            metrics.COMMANDS_DROPPED.labels("in_flight_elsewhere").inc()
+            return Step(wait=min(took.held_for, settings.attempt_hold) + 0.05)
+        if not took.taken:
+            self._dropped(claim, "not_backed" if attempt == 1 else "superseded")
+            return Step(finished=True)
+        if settings.dry_run:
+            end = PauseEnd(State.RUNNING, "dry_run", attempt, due_at=PARKED, dry_run_at=datetime.now(UTC))
+            await self._finish(claim, attempt_id, end, Decision(State.RUNNING, "dry_run", "sandbox.paused"))
+            return Step(finished=True)
+        result, view, read_at = await self._call_e2b(claim.sandbox_id)
+        called = view is not None and view.state != "paused"
+        decision = decide(result, attempt, settings.pause_max_attempts)
+        if decision.to_state is None:
+            error = result.error or "retryable"
+            await self._retry(
+                "attempt record", lambda: self.store.record_attempt(claim, attempt_id, attempt, error)
+            )
+            return Step(called=called)
+        end = self._end(decision, attempt, result, view, read_at, called_before or called)
+        finished = await self._finish(claim, attempt_id, end, decision, result.error)
+        if finished is State.RUNNING and result.outcome in (CallOutcome.PAUSED, CallOutcome.ALREADY_PAUSED):
+            await self._repair_own(claim.sandbox_id, attempt_id)
+        return Step(finished=True)
+
+    def _dropped(self, claim: Claim, reason: str) -> None:
+        metrics.COMMANDS_DROPPED.labels(reason).inc()
+        log.info(
+            "command not carried out",
+            extra={"action": "worker.drop", "sandbox_id": claim.sandbox_id, "reason": reason},
+        )
+
+    async def _call_e2b(self, sandbox_id: str) -> tuple[CallResult, SandboxView | None, datetime]:
+        """Ask E2B for the sandbox, then pause it if it runs: (result, what E2B said, when)."""
+        info = await self._e2b("info", lambda: self.client.info(sandbox_id))
+        read_at = datetime.now(UTC)
+        if info.outcome is not CallOutcome.OK or info.sandbox is None:
+            return info, None, read_at
+        if info.sandbox.state == "paused":
+            return CallResult(CallOutcome.ALREADY_PAUSED, None, info.latency), info.sandbox, read_at
+        result = await self._e2b("pause", lambda: self.client.pause(sandbox_id))
+        return result, info.sandbox, read_at
+
+    async def _e2b(self, operation: str, call: Callable[[], Awaitable[CallResult]]) -> CallResult:
+        """One E2B request under the rate limit, measured."""
+        metrics.RATE_LIMIT_WAIT.observe(await self.bucket.take())
+        result = await call()
+        metrics.E2B_LATENCY.labels(operation).observe(result.latency)
+        if operation == "pause":
+            metrics.PAUSE_CALLS.labels(result.outcome.value).inc()
+        return result
+
+    def _end(
+        self,
+        decision: Decision,
+        attempt: int,
+        result: CallResult,
+        view: SandboxView | None,
+        read_at: datetime,
+        called_pause: bool,
+    ) -> PauseEnd:
         assert decision.to_state is not None
         retry_after = None
-        due_at = None
         if decision.reason == "pause_failed":
             retry_after = datetime.now(UTC) + timedelta(seconds=self.settings.retry_after)
-            due_at = retry_after
-        elif decision.reason == "dry_run":
-            due_at = PARKED
-        to_state = decision.to_state
+        return PauseEnd(
+            decision.to_state,
+            decision.reason,
+            attempt,
+            error=result.error,
+            retry_after=retry_after,
+            due_at=retry_after,
+            end_at=view.end_at if view else None,
+            lifetime_left_s=lifetime_left(view, read_at),
+            # a pause call that timed out may have paused it all the same: let a repair look
+            check_e2b_later=decision.reason == "pause_failed" and called_pause,
+        )
 
-        async def write() -> bool:
-            return await self.store.finish_pause(
-                claim,
-                to_state,
-                decision.reason,
-                attempts=attempts,
-                error=error,
-                retry_after=retry_after,
-                due_at=due_at,
-            )
-
-        moved = await self._store(write)
-        if moved is None:
-            return False
-        metrics.PAUSES.labels(decision.reason if moved else "superseded").inc()
-        if moved:
-            metrics.TRANSITIONS.labels("worker", to_state.value, decision.reason).inc()
+    async def _finish(
+        self, claim: Claim, attempt_id: uuid.UUID, end: PauseEnd, decision: Decision, error: str | None = None
+    ) -> State | None:
+        """Write the outcome; the row's state when it did not move (None when it did)."""
+        finished = await self._retry("outcome", lambda: self.store.finish_pause(claim, attempt_id, end))
+        metrics.PAUSES.labels(end.reason if finished.moved else "superseded").inc()
+        if finished.moved:
+            metrics.TRANSITIONS.labels("worker", end.to_state.value, end.reason).inc()
         log.info(
             "pause finished",
             extra={
                 "action": "worker.finish",
                 "sandbox_id": claim.sandbox_id,
-                "result": decision.reason,
-                "row_moved": moved,
+                "result": end.reason,
+                "row_moved": finished.moved,
             },
         )
+        if not finished.moved:
+            return finished.state
         if decision.outcome_type is not None:
             await self._announce(claim, decision.outcome_type, error)
-        return True
+        return None
 
     async def _announce(self, claim: Claim, outcome_type: str, error: str | None) -> None:
         """Tell app services what became of the sandbox (best effort: the row is the truth)."""
-        assert self.lifecycle is not None
+        assert self.outcomes is not None
         outcome = Outcome(
             event_id=uuid.uuid4(),
             type=outcome_type,  # type: ignore[arg-type]
@@ -293,12 +356,76 @@ class Worker:
             error=error[:500] if error else None,
         )
         try:
-            # not mandatory: no app listening is normal, not an error to be returned
-            await self.lifecycle.publish(
-                message(outcome.model_dump_json().encode()), routing_key=outcome_type, mandatory=False
-            )
-        except (*UNAVAILABLE, AMQPError) as exc:
+            await self.outcomes.publish([Outgoing(outcome_type, outcome.model_dump_json().encode())])
+        except BrokerUnavailable as exc:
             log.warning(
-                "outcome not published",
-                extra={"action": "worker.announce_failed", "error": str(exc)},
+                "outcome not published", extra={"action": "worker.announce_failed", "error": str(exc)}
+            )
+
+    # repairs: sandboxes a pause hit while in use
+
+    async def _repair_own(self, sandbox_id: str, attempt_id: uuid.UUID) -> None:
+        """Our pause raced with activity: resume the sandbox now, under the attempt we hold."""
+        try:
+            repair = await self.store.take_own_repair(sandbox_id, attempt_id, self.settings.attempt_hold)
+        except StoreUnavailable as exc:
+            log.error("repair left to the next round", extra={"action": "worker.repair", "error": str(exc)})
+            return
+        if repair is not None:
+            await self._repair(repair, attempt_id)
+
+    async def _repair_forever(self, stop: asyncio.Event) -> None:
+        """Every ``repair_interval``, repair the rows ingest flagged. Failure policy: log, next round."""
+        while not stop.is_set():
+            holder = uuid.uuid4()
+            try:
+                repairs = await self.store.take_repairs(
+                    holder, self.settings.attempt_hold, self.settings.worker_concurrency
+                )
+            except StoreUnavailable as exc:
+                log.error("repairs not read", extra={"action": "worker.repair", "error": str(exc)})
+                repairs = []
+            if repairs:
+                await asyncio.gather(*(self._repair(r, holder) for r in repairs), return_exceptions=True)
+            if await sleep_or_stop(stop, self.settings.repair_interval):
+                return
+
+    async def _repair(self, repair: Repair, holder: uuid.UUID) -> None:
+        """Ask E2B; resume the sandbox if a pause left it paused while in use."""
+        sid = repair.sandbox_id
+        try:
+            info = await self._e2b("info", lambda: self.client.info(sid))
+            if info.outcome is CallOutcome.GONE:
+                await self.store.finish_repair(sid, holder, "gone", None)
+                return
+            if info.outcome is not CallOutcome.OK or info.sandbox is None:
+                await self.store.delay_repair(sid, holder, self.settings.retry_base_delay * 4)
+                return
+            if info.sandbox.state != "paused":
+                await self.store.finish_repair(sid, holder, "running", None)
+                return
+            lifetime = repair.lifetime_left_s or float(self.settings.resume_timeout)
+            resumed = await self._e2b("connect", lambda: self.client.resume(sid, lifetime))
+            if resumed.outcome is CallOutcome.OK:
+                await self._record_repair(repair, holder, lifetime)
+            elif resumed.outcome is CallOutcome.GONE:
+                await self.store.finish_repair(sid, holder, "gone", None)
+            else:
+                await self.store.delay_repair(sid, holder, self.settings.retry_base_delay * 4)
+        except StoreUnavailable as exc:
+            # the row stays flagged; its hold runs out and the next round takes it again
+            log.error("repair not recorded", extra={"action": "worker.repair", "error": str(exc)})
+
+    async def _record_repair(self, repair: Repair, holder: uuid.UUID, lifetime: float) -> None:
+        detail = {
+            "claimed_activity": repair.claimed_activity.isoformat() if repair.claimed_activity else None,
+            "activity_at": repair.last_activity.isoformat(),
+            "lifetime_s": round(lifetime, 1),
+        }
+        if await self.store.finish_repair(repair.sandbox_id, holder, "paused_in_use", detail):
+            metrics.PAUSED_IN_USE.inc()
+            metrics.TRANSITIONS.labels("worker", State.RUNNING.value, "paused_in_use").inc()
+            log.warning(
+                "a pause hit a sandbox in use; resumed it",
+                extra={"action": "worker.paused_in_use", "sandbox_id": repair.sandbox_id, **detail},
             )

@@ -223,46 +223,65 @@ async def _rabbitmqctl(*args: str) -> str:
     return out.decode()
 
 
-async def _policy_of(queue: str) -> str:
-    out = await _rabbitmqctl("list_queues", "-q", "--no-table-headers", "name", "policy")
-    for line in out.splitlines():
-        parts = line.split("\t")
-        if parts and parts[0] == queue:
-            return parts[1].strip() if len(parts) > 1 else ""
-    return ""
+PROBE = b"refusing-queue probe"
+
+
+async def _refuses_publishing(queue: str) -> bool:
+    """Publish a probe to ``queue``; True when the broker refuses it (a nack)."""
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        try:
+            await channel.default_exchange.publish(aio_pika.Message(PROBE), routing_key=queue)
+        except aio_pika.exceptions.DeliveryError:
+            return True
+        return False
+
+
+async def _drop_probes(queue: str) -> None:
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        channel = await connection.channel()
+        source = await channel.get_queue(queue)
+        while (msg := await source.get(fail=False)) is not None:
+            if msg.body == PROBE:
+                await msg.ack()
+        # closing the channel returns every other message to the queue
 
 
 @contextlib.asynccontextmanager
-async def broker_policy(queue: str, definition: dict[str, Any]) -> AsyncIterator[None]:
-    """A RabbitMQ policy on one queue, in force inside the block, cleared afterwards.
+async def refusing_queue(queue: str) -> AsyncIterator[None]:
+    """``queue`` refuses every publish (a nack, as a full queue does) inside the block.
 
-    Policies apply asynchronously: the block starts once the queue reports it.
+    A policy with max-length 0 and reject-publish; a quorum queue refuses once
+    it is over its limit, so a probe message fills it first. Policies apply
+    asynchronously: the block starts once a publish is refused and ends once
+    one is taken again; the probes are then removed.
     """
     name = "test-" + uuid.uuid4().hex[:8]
     pattern = "^" + re.escape(queue) + "$"
-    await _rabbitmqctl("set_policy", name, pattern, orjson.dumps(definition).decode(), "--apply-to", "queues")
-
-    async def applied() -> bool:
-        return await _policy_of(queue) == name
-
+    definition = orjson.dumps({"max-length": 0, "overflow": "reject-publish"}).decode()
+    await _rabbitmqctl("set_policy", name, pattern, definition, "--apply-to", "queues")
     try:
-        await wait_for(applied, timeout=30, what=f"policy {name} on {queue}")
+        await wait_for(lambda: _refuses_publishing(queue), timeout=30, what=f"{queue} refusing")
         yield
     finally:
         await _rabbitmqctl("clear_policy", name)
 
-        async def cleared() -> bool:
-            return await _policy_of(queue) != name
+        async def taking() -> bool:
+            return not await _refuses_publishing(queue)
 
-        await wait_for(cleared, timeout=30, what=f"policy {name} cleared")
+        await wait_for(taking, timeout=30, what=f"{queue} taking messages again")
+        await _drop_probes(queue)
 
 
 @contextlib.asynccontextmanager
 async def failing_writes(store: Store, sqlstate: str, table: str = "sandbox_sessions") -> AsyncIterator[None]:
-    """Every INSERT or UPDATE of ``table`` fails with ``sqlstate`` inside the block.
+    """Every INSERT or UPDATE of a row of ``table`` fails with ``sqlstate`` inside the block.
 
-    A statement trigger raises the error, so the client sees exactly what
-    PostgreSQL sends for a read-only standby, a full disk or a cancelled statement.
+    A row trigger raises the error, so the client sees exactly what PostgreSQL
+    sends for a read-only standby, a full disk or a cancelled statement, on the
+    statements that write rows (one that changes no row goes through).
     """
     function = f"fail_{uuid.uuid4().hex[:8]}"
     async with store.pool.acquire() as conn:
@@ -272,7 +291,7 @@ async def failing_writes(store: Store, sqlstate: str, table: str = "sandbox_sess
         )
         await conn.execute(
             f"CREATE TRIGGER {function} BEFORE INSERT OR UPDATE ON {table} "
-            f"FOR EACH STATEMENT EXECUTE FUNCTION {function}()"
+            f"FOR EACH ROW EXECUTE FUNCTION {function}()"
         )
     try:
         yield
@@ -297,9 +316,19 @@ async def service(settings: Settings, roles: set[str]) -> AsyncIterator[asyncio.
             await asyncio.wait_for(task, timeout=60)
 
 
-async def ingest_caught_up(store: Store) -> bool:
+@contextlib.asynccontextmanager
+async def database(settings: Settings) -> AsyncIterator[asyncpg.Connection]:
+    """A connection of its own to the test's schema."""
+    conn = await asyncpg.connect(DATABASE_URL, server_settings={"search_path": settings.database_schema})
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+async def ingest_caught_up(settings: Settings) -> bool:
     """An ingest replica beats and has committed a watermark: the scheduler may claim."""
-    async with store.pool.acquire() as conn:
+    async with database(settings) as conn:
         n = await conn.fetchval(
             "SELECT count(*) FROM ingest_replicas"
             " WHERE watermark IS NOT NULL AND beat_at > now() - interval '5 seconds'"
@@ -307,15 +336,24 @@ async def ingest_caught_up(store: Store) -> bool:
     return bool(n)
 
 
-async def arrived_long_ago(store: Store, default_timeout: float) -> None:
+async def arrived_long_ago(settings: Settings) -> None:
     """Make every row's events look as old on arrival as their stamps say: idle rows become due."""
-    async with store.pool.acquire() as conn:
+    async with database(settings) as conn:
         await conn.execute(
             "UPDATE sandbox_sessions SET last_arrived_at = last_activity,"
             " pause_due_at = last_activity + make_interval(secs => coalesce(idle_timeout_s, $1))"
             " WHERE state = 'RUNNING'",
-            default_timeout,
+            settings.default_idle_timeout,
         )
+
+
+async def tick_with_ingest(settings: Settings) -> None:
+    """One scheduler tick, with an ingest replica running and caught up, as in a deployment."""
+    from consumer import runner
+
+    async with service(settings, {"ingest"}):
+        await wait_for(lambda: ingest_caught_up(settings), what="ingest caught up")
+        assert await runner.run(settings, {"scheduler"}, once=True) == 0
 
 
 async def transitions(store: Store, sandbox_id: str) -> list[tuple[str | None, str, str, str]]:

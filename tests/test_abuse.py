@@ -700,6 +700,7 @@ async def fleet(
         emulator.add_sandbox(sid)
     await publish(channel, pause_settings, [event("activity", sid) for sid in RESUMED])
     assert await runner.run(pause_settings, {"ingest"}, burst=True) == 0
+    await work(pause_settings)  # a worker checks that each resumed sandbox really runs
     snapshot = await table_snapshot(store)
     assert {snapshot[s][0] for s in ACTIVE + RESUMED} == {"RUNNING"}
     assert {snapshot[s][0] for s in PAUSED} == {"PAUSED"}
@@ -727,6 +728,7 @@ async def test_forged_pause_commands_never_reach_e2b(
         with pytest.raises(ValueError):
             COMMAND_ADAPTER.validate_json(body)
     names = Names(pause_settings.topology_prefix)
+    await dead_letters(channel, names.pause_dlq)  # what an earlier example left, if it failed
     bodies = forged + garbage
     order.shuffle(bodies)
     emulator.reset_calls()

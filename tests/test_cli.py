@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 import pytest
-from conftest import ago, autopause, event, isolated_env, publish
+from conftest import ago, autopause, event, ingest_caught_up, isolated_env, publish, service, wait_for
 
 from consumer import runner
 from consumer.broker import Names
@@ -61,7 +61,7 @@ async def test_status_reports_sessions_queues_and_savings(seeded: Settings) -> N
     assert report["sessions"]["RUNNING"] == 3
     names = Names(seeded.topology_prefix)
     assert set(report["queues"]) == {names.events_queue, names.pause_queue, names.events_dlq, names.pause_dlq}
-    assert report["dead_letters"] == 0 and report["savings_usd"] == 0
+    assert report["dead_letters"] == {"events": {}, "pause": {}} and report["savings_usd"] == 0
     text = await cli(seeded, "status")
     assert "RUNNING 3" in text.stdout and "savings" in text.stdout
 
@@ -112,17 +112,20 @@ async def test_manual_pause_goes_through_the_command_path(
 async def test_keep_alive_keeps_a_sandbox_out_of_the_tick(seeded: Settings, store: Store) -> None:
     kept = await cli(seeded, "sessions", "keep-alive", "sbx-idle", "--for", "2h")
     assert kept.returncode == 0, kept.stderr
-    tick = await cli(seeded, "run", "scheduler", "--once", AUTOPAUSE_DEFAULT_IDLE_TIMEOUT="30")
-    assert tick.returncode == 0, tick.stdout
-    states = {sid: (await store.get_session(sid))["state"] for sid in ("sbx-idle", "sbx-busy", "sbx-other")}  # type: ignore[index]
-    assert states == {"sbx-idle": "RUNNING", "sbx-busy": "RUNNING", "sbx-other": "RUNNING"}
-    # without the keep-alive the same tick claims it
-    async with store.pool.acquire() as conn:
-        await conn.execute(
-            "UPDATE sandbox_sessions SET keep_alive_until = NULL, pause_due_at = now()"
-            " WHERE sandbox_id = 'sbx-idle'"
-        )
-    await cli(seeded, "run", "scheduler", "--once")
+    async with service(seeded, {"ingest"}):  # the tick claims only while ingest keeps up
+        await wait_for(lambda: ingest_caught_up(seeded), what="ingest caught up")
+        async with store.pool.acquire() as conn:  # every deadline but the keep-alive has passed
+            await conn.execute("UPDATE sandbox_sessions SET pause_due_at = GREATEST(now(), keep_alive_until)")
+        tick = await cli(seeded, "run", "scheduler", "--once")
+        assert tick.returncode == 0, tick.stdout
+        assert (await store.get_session("sbx-idle"))["state"] == "RUNNING"  # type: ignore[index]
+        # without the keep-alive the same tick claims it
+        async with store.pool.acquire() as conn:
+            await conn.execute(
+                "UPDATE sandbox_sessions SET keep_alive_until = NULL, pause_due_at = now()"
+                " WHERE sandbox_id = 'sbx-idle'"
+            )
+        await cli(seeded, "run", "scheduler", "--once")
     row = await store.get_session("sbx-idle")
     assert row is not None and row["state"] == "PAUSING"
 

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from consumer.e2b_adapter import PauseOutcome, PauseResult
+from consumer.e2b_adapter import CallOutcome, CallResult
 from consumer.errors import ConfigError
 from consumer.ratelimit import TokenBucket
 from consumer.scheduler import claim_budget, scheduled_time
@@ -66,16 +66,16 @@ def test_backoff_grows_with_jitter_and_stays_under_the_cap() -> None:
 @pytest.mark.parametrize(
     ("outcome", "attempt", "expected"),
     [
-        (PauseOutcome.PAUSED, 1, (State.PAUSED, "paused")),
-        (PauseOutcome.ALREADY_PAUSED, 1, (State.PAUSED, "already_paused")),
-        (PauseOutcome.GONE, 1, (State.KILLED, "gone")),
-        (PauseOutcome.RETRYABLE, 1, (None, "retry")),
-        (PauseOutcome.RETRYABLE, 5, (State.RUNNING, "pause_failed")),
-        (PauseOutcome.FAILED, 1, (State.RUNNING, "pause_failed")),
+        (CallOutcome.PAUSED, 1, (State.PAUSED, "paused")),
+        (CallOutcome.ALREADY_PAUSED, 1, (State.PAUSED, "already_paused")),
+        (CallOutcome.GONE, 1, (State.KILLED, "gone")),
+        (CallOutcome.RETRYABLE, 1, (None, "retry")),
+        (CallOutcome.RETRYABLE, 5, (State.RUNNING, "pause_failed")),
+        (CallOutcome.FAILED, 1, (State.RUNNING, "pause_failed")),
     ],
 )
-def test_worker_decisions(outcome: PauseOutcome, attempt: int, expected: tuple[State | None, str]) -> None:
-    decision = decide(PauseResult(outcome), attempt, max_attempts=5)
+def test_worker_decisions(outcome: CallOutcome, attempt: int, expected: tuple[State | None, str]) -> None:
+    decision = decide(CallResult(outcome), attempt, max_attempts=5)
     assert (decision.to_state, decision.reason) == expected
 
 

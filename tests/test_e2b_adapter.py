@@ -19,7 +19,7 @@ from e2b.exceptions import (
 )
 from e2b.exceptions import TimeoutException as E2BTimeout
 
-from consumer.e2b_adapter import E2BClient, E2BError, PauseOutcome, PauseResult, classify
+from consumer.e2b_adapter import CallOutcome, CallResult, E2BClient, E2BError, classify
 from e2b_emulator import Emulator, Faults
 
 KEY = "e2b_adapter_test_key"
@@ -46,11 +46,11 @@ def closed_port() -> int:
 async def test_pause_running_then_again(emulator: Emulator, client: E2BClient) -> None:
     emulator.add_sandbox("sbx")
     first = await client.pause("sbx")
-    assert first.outcome is PauseOutcome.PAUSED and first.error is None
+    assert first.outcome is CallOutcome.PAUSED and first.error is None
     assert 0 < first.latency < 5
     assert emulator.state_of("sbx") == "paused"
     again = await client.pause("sbx")
-    assert again.outcome is PauseOutcome.ALREADY_PAUSED
+    assert again.outcome is CallOutcome.ALREADY_PAUSED
     assert [(c.method, c.status) for c in emulator.calls("pause", "sbx")] == [
         ("POST", 204),
         ("POST", 409),
@@ -60,7 +60,7 @@ async def test_pause_running_then_again(emulator: Emulator, client: E2BClient) -
 async def test_filesystem_mode_reaches_the_api(emulator: Emulator) -> None:
     emulator.add_sandbox("sbx")
     client = E2BClient(api_key=KEY, api_url=emulator.url, request_timeout=5, memory=False)
-    assert (await client.pause("sbx")).outcome is PauseOutcome.PAUSED
+    assert (await client.pause("sbx")).outcome is CallOutcome.PAUSED
     async with (
         aiohttp.ClientSession() as http,
         http.get(f"{emulator.url}/sandboxes/sbx", headers={"X-API-KEY": KEY}) as resp,
@@ -71,8 +71,8 @@ async def test_filesystem_mode_reaches_the_api(emulator: Emulator) -> None:
 async def test_unknown_and_missing_are_gone(emulator: Emulator, client: E2BClient) -> None:
     emulator.add_sandbox("hidden")
     emulator.faults.missing.add("hidden")
-    assert (await client.pause("nope")).outcome is PauseOutcome.GONE
-    assert (await client.pause("hidden")).outcome is PauseOutcome.GONE
+    assert (await client.pause("nope")).outcome is CallOutcome.GONE
+    assert (await client.pause("hidden")).outcome is CallOutcome.GONE
     assert emulator.state_of("hidden") == "running"
 
 
@@ -80,9 +80,9 @@ async def test_rate_limited_is_retryable_and_sent_once(emulator: Emulator, clien
     emulator.add_sandbox("a")
     emulator.add_sandbox("b")
     emulator.faults.rate_limit = 1
-    assert (await client.pause("a")).outcome is PauseOutcome.PAUSED
+    assert (await client.pause("a")).outcome is CallOutcome.PAUSED
     limited = await client.pause("b")
-    assert limited.outcome is PauseOutcome.RETRYABLE
+    assert limited.outcome is CallOutcome.RETRYABLE
     assert limited.error is not None and "429" in limited.error
     assert [c.status for c in emulator.calls("pause", "b")] == [429]  # no SDK retry
     assert emulator.state_of("b") == "running"
@@ -92,7 +92,7 @@ async def test_server_errors_are_retryable_and_sent_once(emulator: Emulator, cli
     emulator.add_sandbox("sbx")
     emulator.faults.error_rate = 1.0
     results = [await client.pause("sbx") for _ in range(8)]
-    assert {r.outcome for r in results} == {PauseOutcome.RETRYABLE}
+    assert {r.outcome for r in results} == {CallOutcome.RETRYABLE}
     statuses = [c.status for c in emulator.calls("pause")]
     assert len(statuses) == 8 and set(statuses) <= {500, 502, 503}
     assert emulator.state_of("sbx") == "running"
@@ -105,7 +105,7 @@ async def test_hang_times_out_as_retryable(emulator: Emulator) -> None:
     started = time.monotonic()
     result = await client.pause("sbx")
     elapsed = time.monotonic() - started
-    assert result.outcome is PauseOutcome.RETRYABLE
+    assert result.outcome is CallOutcome.RETRYABLE
     assert result.error is not None and "Timeout" in result.error
     assert 0.4 < elapsed < 1.5  # request_timeout bounds the whole call
     assert [c.status for c in emulator.calls("pause")] == [0]
@@ -115,14 +115,14 @@ async def test_refused_connection_is_retryable() -> None:
     client = E2BClient(api_key=KEY, api_url=f"http://127.0.0.1:{closed_port()}", request_timeout=1)
     async with asyncio.timeout(3):
         result = await client.pause("sbx")
-    assert result.outcome is PauseOutcome.RETRYABLE
+    assert result.outcome is CallOutcome.RETRYABLE
 
 
 async def test_wrong_key_fails_and_is_not_echoed(emulator: Emulator) -> None:
     emulator.add_sandbox("sbx")
     client = E2BClient(api_key="e2b_wrong_secret", api_url=emulator.url, request_timeout=5)
     result = await client.pause("sbx")
-    assert result.outcome is PauseOutcome.FAILED
+    assert result.outcome is CallOutcome.FAILED
     assert result.error is not None and "401" in result.error
     assert "e2b_wrong_secret" not in result.error
     assert [c.status for c in emulator.calls()] == [401]
@@ -133,7 +133,7 @@ async def test_wrong_key_fails_and_is_not_echoed(emulator: Emulator) -> None:
 
 async def test_missing_key_fails_without_a_request(emulator: Emulator) -> None:
     client = E2BClient(api_key="", api_url=emulator.url, request_timeout=5)
-    assert (await client.pause("sbx")).outcome is PauseOutcome.FAILED
+    assert (await client.pause("sbx")).outcome is CallOutcome.FAILED
     with pytest.raises(E2BError):
         await client.connect("sbx")
     assert emulator.calls() == []
@@ -145,7 +145,7 @@ async def test_key_is_scrubbed_from_error_texts() -> None:
     url = f"http://127.0.0.1:{closed_port()}/{KEY}"
     client = E2BClient(api_key=KEY, api_url=url, request_timeout=5)
     result = await client.pause("sbx")
-    assert result.outcome is PauseOutcome.RETRYABLE
+    assert result.outcome is CallOutcome.RETRYABLE
     assert result.error is not None and "***" in result.error
     assert result.error.startswith("ConnectError") and KEY not in result.error
     with pytest.raises(E2BError) as raised:
@@ -171,7 +171,7 @@ async def test_kill_then_state_is_none(emulator: Emulator, client: E2BClient) ->
     assert emulator.state_of("sbx") is None
     assert await client.state("sbx") is None
     assert await client.kill("sbx") is False
-    assert (await client.pause("sbx")).outcome is PauseOutcome.GONE
+    assert (await client.pause("sbx")).outcome is CallOutcome.GONE
 
 
 async def test_other_calls_raise_retryable_errors(emulator: Emulator, client: E2BClient) -> None:
@@ -189,7 +189,7 @@ async def test_concurrent_pauses_are_each_one_request() -> None:
     async with Emulator(auto_create=True, faults=Faults(latency=0.05)) as emu:
         client = E2BClient(api_key=KEY, api_url=emu.url, request_timeout=5)
         results = await asyncio.gather(*(client.pause(f"s{i}") for i in range(200)))
-        assert all(r == PauseResult(PauseOutcome.PAUSED, None, r.latency) for r in results)
+        assert all(r == CallResult(CallOutcome.PAUSED, None, r.latency) for r in results)
         assert len(emu.calls("pause")) == 200
         assert emu.peak_rate("pause", window=10) == 200
 
@@ -197,23 +197,23 @@ async def test_concurrent_pauses_are_each_one_request() -> None:
 @pytest.mark.parametrize(
     ("exc", "outcome"),
     [
-        (SandboxNotFoundException("x"), PauseOutcome.GONE),
-        (SandboxException("404: gone", status_code=404), PauseOutcome.GONE),
-        (AuthenticationException("401"), PauseOutcome.FAILED),
-        (RateLimitException("429"), PauseOutcome.RETRYABLE),  # type: ignore[no-untyped-call]
-        (ServiceBusyException("503"), PauseOutcome.RETRYABLE),
-        (SandboxException("500: boom", status_code=500), PauseOutcome.RETRYABLE),
-        (SandboxException("502: bad gateway", status_code=502), PauseOutcome.RETRYABLE),
-        (SandboxException("400: bad", status_code=400), PauseOutcome.FAILED),
-        (SandboxException("409: conflict", status_code=409), PauseOutcome.FAILED),
-        (E2BTimeout("timed out"), PauseOutcome.RETRYABLE),
-        (httpx.ReadTimeout("timed out"), PauseOutcome.RETRYABLE),
-        (httpx.ConnectError("refused"), PauseOutcome.RETRYABLE),
-        (httpx.RemoteProtocolError("eof"), PauseOutcome.RETRYABLE),
-        (TimeoutError(), PauseOutcome.RETRYABLE),
-        (ConnectionRefusedError(), PauseOutcome.RETRYABLE),
-        (ValueError("surprise"), PauseOutcome.FAILED),
+        (SandboxNotFoundException("x"), CallOutcome.GONE),
+        (SandboxException("404: gone", status_code=404), CallOutcome.GONE),
+        (AuthenticationException("401"), CallOutcome.FAILED),
+        (RateLimitException("429"), CallOutcome.RETRYABLE),  # type: ignore[no-untyped-call]
+        (ServiceBusyException("503"), CallOutcome.RETRYABLE),
+        (SandboxException("500: boom", status_code=500), CallOutcome.RETRYABLE),
+        (SandboxException("502: bad gateway", status_code=502), CallOutcome.RETRYABLE),
+        (SandboxException("400: bad", status_code=400), CallOutcome.FAILED),
+        (SandboxException("409: conflict", status_code=409), CallOutcome.FAILED),
+        (E2BTimeout("timed out"), CallOutcome.RETRYABLE),
+        (httpx.ReadTimeout("timed out"), CallOutcome.RETRYABLE),
+        (httpx.ConnectError("refused"), CallOutcome.RETRYABLE),
+        (httpx.RemoteProtocolError("eof"), CallOutcome.RETRYABLE),
+        (TimeoutError(), CallOutcome.RETRYABLE),
+        (ConnectionRefusedError(), CallOutcome.RETRYABLE),
+        (ValueError("surprise"), CallOutcome.FAILED),
     ],
 )
-def test_classify(exc: BaseException, outcome: PauseOutcome) -> None:
+def test_classify(exc: BaseException, outcome: CallOutcome) -> None:
     assert classify(exc) is outcome

@@ -39,8 +39,7 @@ from test_ingest import expected_rows
 from test_pause import KEY, ids, states, tick
 
 from consumer import runner
-from consumer.broker import Names, declare_topology, message, publish_all
-from consumer.broker import connect as broker_connect
+from consumer.broker import Broker, Names, declare_topology, message, publish_all
 from consumer.health import Health
 from consumer.scheduler import Scheduler
 from consumer.settings import Settings
@@ -577,20 +576,18 @@ async def test_a_tick_during_a_broker_outage_fails_softly(
     settings: Settings, store: Store, outage: None
 ) -> None:
     await declare(settings)
-    connection = await broker_connect(settings, "scheduler")
+    opened = await Broker.connect(settings, "scheduler")
     try:
-        scheduler = Scheduler(settings, store, connection, Health())
-        channel = await connection.channel(publisher_confirms=True)
-        scheduler.exchange = await channel.get_exchange(Names(settings.topology_prefix).commands_exchange)
+        scheduler = Scheduler(settings, store, opened, Health())
+        scheduler.commands = await opened.publisher(opened.names.commands_exchange, confirm=True)
         assert (await scheduler.tick(datetime.now(UTC))).error is None
         async with rabbitmq_down():
             result = await scheduler.tick(datetime.now(UTC) + timedelta(minutes=1))
-        assert result.error is not None and "Connection" in result.error
+        assert result.error is not None and "RabbitMQ unavailable" in result.error
         recorded = await store.last_tick()
         assert recorded is not None and recorded["error"] == result.error
     finally:
-        with contextlib.suppress(Exception):
-            await connection.close()
+        await opened.close()
 
 
 async def test_a_failing_e2b_still_ends_with_every_idle_sandbox_paused_within_the_rate(

@@ -9,7 +9,18 @@ import subprocess
 from typing import Any
 
 import aiohttp
-from conftest import DATABASE_URL, ago, autopause, event, isolated_env, publish, wait_for
+from conftest import (
+    DATABASE_URL,
+    ago,
+    arrived_long_ago,
+    autopause,
+    event,
+    ingest_caught_up,
+    isolated_env,
+    publish,
+    service,
+    wait_for,
+)
 from tcpproxy import Proxy
 
 from consumer import runner
@@ -118,17 +129,21 @@ async def test_no_log_line_contains_the_e2b_key(settings: Settings, store: Any, 
             AUTOPAUSE_RETRY_MAX_DELAY="0.02",
         )
         outputs = []
-        for args in (
-            ("run", "ingest", "--burst"),
-            ("run", "scheduler", "--once"),
-            ("run", "worker", "--burst"),
-        ):
+
+        async def run(*args: str) -> None:
             done = await asyncio.to_thread(
                 subprocess.run, autopause(*args), env=env, capture_output=True, text=True, timeout=60
             )
             assert done.returncode == 0, done.stderr
             outputs.append(done.stdout + done.stderr)
-        calls = emulator.calls("pause")
+
+        await run("run", "ingest", "--burst")
+        await arrived_long_ago(settings)
+        async with service(settings, {"ingest"}):  # the tick claims only while ingest keeps up
+            await wait_for(lambda: ingest_caught_up(settings), what="ingest caught up")
+            await run("run", "scheduler", "--once")
+        await run("run", "worker", "--burst")
+        calls = emulator.calls("info")
     assert calls and {c.status for c in calls} == {401}
     logs = "\n".join(outputs)
     assert "worker.finish" in logs and "pause_failed" in logs

@@ -24,7 +24,6 @@ from conftest import (
     ago,
     arrived_long_ago,
     autopause,
-    broker_policy,
     dead_letters,
     event,
     failing_writes,
@@ -34,6 +33,7 @@ from conftest import (
     now,
     publish,
     queue_ready,
+    refusing_queue,
     row,
     service,
     transitions,
@@ -42,11 +42,11 @@ from conftest import (
 from tcpproxy import Proxy
 
 from consumer import runner
-from consumer.broker import REASON_HEADER, Names
-from consumer.emulator import Emulator
+from consumer.broker import REASON_HEADER, Names, declare_topology
 from consumer.errors import ConfigError
 from consumer.settings import Settings, load_settings
 from consumer.store import Store
+from e2b_emulator import Emulator
 
 
 async def ingest_now(settings: Settings) -> None:
@@ -71,7 +71,7 @@ async def seed_idle(
         emulator.add_sandbox(sid)
     await publish(channel, settings, [event("created", sid, at=ago(3600)) for sid in ids])
     await ingest_now(settings)
-    await arrived_long_ago(store, settings.default_idle_timeout)
+    await arrived_long_ago(settings)
 
 
 async def ticks(store: Store) -> list[dict[str, Any]]:
@@ -97,13 +97,12 @@ async def test_a_dead_letter_the_broker_refuses_is_never_acked(
 ) -> None:
     names = Names(settings.topology_prefix)
     async with service(settings, {"ingest"}):
-        async with broker_policy(names.events_dlq, {"max-length": 0, "overflow": "reject-publish"}):
+        async with refusing_queue(names.events_dlq):
             await publish(channel, settings, [event("created", "sbx-v1"), b"{not json"])
             await wait_for(lambda: _has_row(store, "sbx-v1"), what="the valid neighbour committed")
             # a later batch: its acks must not cover the invalid message still waiting for its dead letter
             await publish(channel, settings, [event("created", "sbx-v2")])
             await wait_for(lambda: _has_row(store, "sbx-v2"), what="the later batch committed")
-            assert await queue_ready(channel, names.events_dlq) == 0
         # the dead-letter queue takes messages again: the held invalid message gets there
         await wait_for(
             lambda: queue_ready(channel, names.events_dlq), timeout=30, what="the held dead letter"
@@ -185,7 +184,7 @@ async def test_activity_during_the_pause_call_resumes_the_sandbox_at_once(
     lifetime_before = await end_at(emulator, "race-1")
     in_use_before = metric("autopause_paused_in_use_total")
     async with service(pause_settings, {"ingest"}):
-        await wait_for(lambda: ingest_caught_up(store), what="ingest caught up")
+        await wait_for(lambda: ingest_caught_up(pause_settings), what="ingest caught up")
         assert await runner.run(pause_settings, {"scheduler"}, once=True) == 0
         assert (await states(store))["race-1"] == "PAUSING"
         emulator.faults.latency = 3.0
@@ -215,7 +214,7 @@ async def test_activity_committed_after_the_pause_was_written_still_resumes_the_
     lifetime_before = await end_at(emulator, "late-1")
     in_use_before = metric("autopause_paused_in_use_total")
     async with service(pause_settings, {"ingest"}):
-        await wait_for(lambda: ingest_caught_up(store), what="ingest caught up")
+        await wait_for(lambda: ingest_caught_up(pause_settings), what="ingest caught up")
         assert await runner.run(pause_settings, {"scheduler"}, once=True) == 0
         claimed = time.monotonic()
         assert await runner.run(pause_settings, {"worker"}, burst=True) == 0
@@ -301,7 +300,7 @@ async def test_events_a_stuck_ingest_holds_keep_busy_sandboxes_from_being_claime
         emulator.add_sandbox(sid)
     await publish(channel, settings, [event("created", sid) for sid in busy])
     async with service(settings, {"ingest", "scheduler", "worker"}):
-        await wait_for(lambda: ingest_caught_up(store), what="ingest caught up")
+        await wait_for(lambda: ingest_caught_up(pause_settings), what="ingest caught up")
         async with failing_writes(store, "53100"):  # disk full: ingest holds what it has
             await each_tick(store, 3 * timeout, lambda: publish(channel, settings, activity(busy)))
             assert emulator.calls("pause") == []
@@ -342,7 +341,7 @@ async def test_a_database_error_in_the_worker_neither_crashes_it_nor_strands_its
 ) -> None:
     await seed_idle(channel, pause_settings, store, emulator, ["db-err-1"])
     async with service(pause_settings, {"ingest"}):
-        await wait_for(lambda: ingest_caught_up(store), what="ingest caught up")
+        await wait_for(lambda: ingest_caught_up(pause_settings), what="ingest caught up")
         assert await runner.run(pause_settings, {"scheduler"}, once=True) == 0
     outages = metric("autopause_store_unavailable_total", role="worker")
     async with service(pause_settings, {"worker"}) as worker:
@@ -364,9 +363,8 @@ async def test_dead_letters_the_broker_made_are_reported_as_delivery_limit(
     limited = settings.model_copy(update={"delivery_limit": 1})
     names = Names(settings.topology_prefix)
     # a consumer that keeps crashing returns the message until the broker gives up on it
-    await channel.queue_delete(names.events_queue)
-    from consumer.broker import declare_topology
-
+    for queue in (names.events_queue, names.pause_queue):
+        await channel.queue_delete(queue)
     await declare_topology(channel, limited)
     await publish(channel, settings, [event("created", "sbx-looping")])
     queue = await channel.get_queue(names.events_queue)
@@ -376,7 +374,7 @@ async def test_dead_letters_the_broker_made_are_reported_as_delivery_limit(
             break
         await msg.nack(requeue=True)
     await wait_for(lambda: queue_ready(channel, names.events_dlq), what="the broker's dead letter")
-    env = isolated_env(settings)
+    env = isolated_env(settings, AUTOPAUSE_DELIVERY_LIMIT="1")
     proc = await asyncio.create_subprocess_exec(
         *autopause("status", "--json"), env=env, stdout=asyncio.subprocess.PIPE
     )
@@ -394,7 +392,7 @@ async def test_a_lease_copy_and_its_original_make_one_e2b_call(
 ) -> None:
     await seed_idle(channel, pause_settings, store, emulator, ["twice-1"])
     async with service(pause_settings, {"ingest"}):
-        await wait_for(lambda: ingest_caught_up(store), what="ingest caught up")
+        await wait_for(lambda: ingest_caught_up(pause_settings), what="ingest caught up")
         assert await runner.run(pause_settings, {"scheduler"}, once=True) == 0
         # the workers were down longer than the lease: the tick sends a copy of the queued command
         async with store.pool.acquire() as conn:
@@ -447,8 +445,8 @@ async def test_commands_the_broker_refuses_release_their_claims_at_once(
     due_before = {sid: (await row(store, sid))["pause_due_at"] for sid in idle}
     names = Names(pause_settings.topology_prefix)
     async with service(pause_settings, {"ingest"}):
-        await wait_for(lambda: ingest_caught_up(store), what="ingest caught up")
-        async with broker_policy(names.pause_queue, {"max-length": 0, "overflow": "reject-publish"}):
+        await wait_for(lambda: ingest_caught_up(pause_settings), what="ingest caught up")
+        async with refusing_queue(names.pause_queue):
             assert await runner.run(pause_settings, {"scheduler"}, once=True) == 0
     assert set((await states(store)).values()) == {"RUNNING"}
     for sid in idle:
@@ -468,7 +466,7 @@ async def test_leaving_dry_run_makes_parked_sandboxes_due_again(
     await seed_idle(channel, pause_settings, store, emulator, ["parked-1"])
     dry = pause_settings.model_copy(update={"dry_run": True})
     async with service(pause_settings, {"ingest"}):
-        await wait_for(lambda: ingest_caught_up(store), what="ingest caught up")
+        await wait_for(lambda: ingest_caught_up(pause_settings), what="ingest caught up")
         assert await runner.run(dry, {"scheduler"}, once=True) == 0
         assert await runner.run(dry, {"worker"}, burst=True) == 0
         assert emulator.calls() == []
@@ -490,7 +488,7 @@ async def test_e2b_answering_busy_is_retried_until_the_sandbox_is_paused(
     emulator.faults.update({"error_rate": 0.5, "error_statuses": [503]})
     patient = pause_settings.model_copy(update={"pause_max_attempts": 20})
     async with service(patient, {"ingest"}):
-        await wait_for(lambda: ingest_caught_up(store), what="ingest caught up")
+        await wait_for(lambda: ingest_caught_up(pause_settings), what="ingest caught up")
         assert await runner.run(patient, {"scheduler"}, once=True) == 0
     assert await runner.run(patient, {"worker"}, burst=True) == 0
     assert set((await states(store)).values()) == {"PAUSED"}

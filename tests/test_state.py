@@ -14,6 +14,8 @@ from schemas import SandboxActivity, SandboxCreated, SandboxKilled
 
 T0 = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)
 TIMEOUT = timedelta(minutes=10)
+# when the events arrive: long after their stamps, so that stamps decide the deadlines below
+ARRIVED = T0 - TIMEOUT
 
 
 def created(sid: str = "sbx-1", at: int = 0, n: int = 1, timeout: int | None = None) -> SandboxCreated:
@@ -44,7 +46,7 @@ def killed(sid: str = "sbx-1", at: int = 0, n: int = 5000) -> SandboxKilled:
 def run(events: list, row: Session | None = None) -> Session | None:
     for sid, delta in coalesce(events).items():
         assert sid == delta.sandbox_id
-        row = apply(row, delta, TIMEOUT).session
+        row = apply(row, delta, TIMEOUT, ARRIVED).session
     return row
 
 
@@ -80,29 +82,57 @@ def test_pausing_row_returns_to_running_on_newer_activity_only() -> None:
     row = run([created(at=0)])
     assert row is not None
     pausing = dataclasses.replace(row, state=State.PAUSING, generation=1, claimed_activity=row.last_activity)
-    older = apply(pausing, delta_of(activity(at=0)), TIMEOUT)
+    older = apply(pausing, delta_of(activity(at=0)), TIMEOUT, ARRIVED)
     assert older.session.state is State.PAUSING and not older.transitions
-    newer = apply(pausing, delta_of(activity(at=1)), TIMEOUT)
+    newer = apply(pausing, delta_of(activity(at=1)), TIMEOUT, ARRIVED)
     assert newer.session.state is State.RUNNING
     assert newer.transitions[0].reason == "activity_during_pause"
     assert newer.session.pause_due_at == T0 + timedelta(seconds=1) + TIMEOUT
 
 
-def test_paused_row_resumes_on_activity_after_the_pause() -> None:
+def test_a_paused_row_resumes_on_any_activity_after_the_one_its_claim_saw() -> None:
     row = run([created(at=0)])
     assert row is not None
-    paused = dataclasses.replace(row, state=State.PAUSED, paused_at=T0 + timedelta(seconds=100))
-    assert apply(paused, delta_of(activity(at=99)), TIMEOUT).session.state is State.PAUSED
-    resumed = apply(paused, delta_of(activity(at=101)), TIMEOUT)
+    claimed = T0 + timedelta(seconds=50)
+    paused = dataclasses.replace(
+        row, state=State.PAUSED, claimed_activity=claimed, paused_at=T0 + timedelta(seconds=100)
+    )
+    assert apply(paused, delta_of(activity(at=49)), TIMEOUT, ARRIVED).session.state is State.PAUSED
+    # used during the pause call, before the pause was written: still use, compared in event time
+    resumed = apply(paused, delta_of(activity(at=51)), TIMEOUT, ARRIVED)
     assert resumed.session.state is State.RUNNING
     assert resumed.transitions[0].reason == "resumed"
+    assert resumed.session.resume_requested_at == ARRIVED
+
+
+def test_leaving_pausing_asks_for_a_resume_only_once_a_pause_call_may_have_started() -> None:
+    row = run([created(at=0)])
+    assert row is not None
+    pausing = dataclasses.replace(row, state=State.PAUSING, generation=1, claimed_activity=row.last_activity)
+    before_call = apply(pausing, delta_of(activity(at=5)), TIMEOUT, ARRIVED).session
+    assert before_call.state is State.RUNNING and before_call.resume_requested_at is None
+    calling = dataclasses.replace(pausing, attempt_id=UUID(int=7))
+    during_call = apply(calling, delta_of(activity(at=5)), TIMEOUT, ARRIVED).session
+    assert during_call.state is State.RUNNING and during_call.resume_requested_at == ARRIVED
+
+
+def test_the_deadline_runs_from_arrival_when_stamps_lag() -> None:
+    late = T0 + timedelta(hours=1)  # the producer's clock is an hour behind
+    row = apply(None, delta_of(created(at=0)), TIMEOUT, late).session
+    assert row.pause_due_at == late + TIMEOUT
+    again = apply(row, delta_of(activity(at=1)), TIMEOUT, late + timedelta(minutes=5)).session
+    assert again.pause_due_at == late + timedelta(minutes=5) + TIMEOUT
+    assert again.last_activity == T0 + timedelta(seconds=1)
+    # a kill is not activity: it does not move the arrival
+    killed_later = apply(row, delta_of(killed(at=2)), TIMEOUT, late + timedelta(hours=1)).session
+    assert killed_later.last_arrived_at == late
 
 
 def test_terminal_rows_count_activity_as_stale() -> None:
     row = run([created(at=0), killed(at=5)])
     assert row is not None and row.state is State.KILLED
     for terminal in (State.KILLED, State.EXPIRED):
-        result = apply(dataclasses.replace(row, state=terminal), delta_of(activity(at=9)), TIMEOUT)
+        result = apply(dataclasses.replace(row, state=terminal), delta_of(activity(at=9)), TIMEOUT, ARRIVED)
         assert result.session.state is terminal
         assert result.stale_events == 1
 
@@ -111,7 +141,7 @@ def test_killed_wins_from_any_state() -> None:
     base = run([created(at=0)])
     assert base is not None
     for state in State:
-        result = apply(dataclasses.replace(base, state=state), delta_of(killed(at=3)), TIMEOUT)
+        result = apply(dataclasses.replace(base, state=state), delta_of(killed(at=3)), TIMEOUT, ARRIVED)
         assert result.session.state is State.KILLED
 
 
@@ -119,16 +149,20 @@ def test_a_pushed_out_deadline_stays_until_newer_activity() -> None:
     row = run([created(at=0)])
     assert row is not None
     parked = dataclasses.replace(row, pause_due_at=T0 + timedelta(days=1))
-    assert apply(parked, delta_of(activity(at=0)), TIMEOUT).session.pause_due_at == parked.pause_due_at
-    moved = apply(parked, delta_of(activity(at=60)), TIMEOUT).session
+    assert (
+        apply(parked, delta_of(activity(at=0)), TIMEOUT, ARRIVED).session.pause_due_at == parked.pause_due_at
+    )
+    moved = apply(parked, delta_of(activity(at=60)), TIMEOUT, ARRIVED).session
     assert moved.pause_due_at == T0 + timedelta(seconds=60) + TIMEOUT
 
 
-def test_keep_alive_and_retry_after_push_the_deadline() -> None:
+def test_keep_alive_retry_after_and_arrival_push_the_deadline() -> None:
     later = T0 + timedelta(hours=2)
-    assert pause_due(T0, TIMEOUT, later, None) == later
-    assert pause_due(T0, TIMEOUT, None, later) == later
-    assert pause_due(T0, TIMEOUT, T0, None) == T0 + TIMEOUT
+    assert pause_due(T0, None, TIMEOUT, later, None) == later
+    assert pause_due(T0, None, TIMEOUT, None, later) == later
+    assert pause_due(T0, None, TIMEOUT, T0, None) == T0 + TIMEOUT
+    assert pause_due(T0, later, TIMEOUT, None, None) == later + TIMEOUT
+    assert pause_due(later, T0, TIMEOUT, None, None) == later + TIMEOUT
 
 
 def test_merge_is_commutative() -> None:
@@ -162,7 +196,7 @@ def replay(events: list, batch_sizes: list[int], start: dict[str, Session]) -> d
     while i < len(events):
         size = next(sizes, len(events))
         for sid, delta in coalesce(events[i : i + size]).items():
-            rows[sid] = apply(rows.get(sid), delta, TIMEOUT).session
+            rows[sid] = apply(rows.get(sid), delta, TIMEOUT, ARRIVED).session
         i += size
     return rows
 

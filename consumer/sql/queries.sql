@@ -10,11 +10,12 @@ FOR UPDATE;
 -- name: insert_sessions
 INSERT INTO sandbox_sessions (
     sandbox_id, project_id, user_id, template, idle_timeout_s, metadata,
-    created_event_id, created_event_at, state, last_activity, pause_due_at, killed_at)
+    created_event_id, created_event_at, state, last_activity, pause_due_at, killed_at,
+    last_arrived_at)
 SELECT * FROM unnest(
     $1::text[], $2::text[], $3::text[], $4::text[], $5::int[], $6::jsonb[],
     $7::uuid[], $8::timestamptz[], $9::text[], $10::timestamptz[], $11::timestamptz[],
-    $12::timestamptz[])
+    $12::timestamptz[], $13::timestamptz[])
 ORDER BY 1
 ON CONFLICT (sandbox_id) DO NOTHING
 RETURNING sandbox_id;
@@ -25,19 +26,21 @@ UPDATE sandbox_sessions AS s SET
     idle_timeout_s = u.idle_timeout_s, metadata = u.metadata,
     created_event_id = u.created_event_id, created_event_at = u.created_event_at,
     state = u.state, last_activity = u.last_activity, pause_due_at = u.pause_due_at,
-    killed_at = u.killed_at, claimed_activity = u.claimed_activity, updated_at = now()
+    killed_at = u.killed_at, last_arrived_at = u.last_arrived_at,
+    resume_requested_at = u.resume_requested_at, dry_run_at = u.dry_run_at, updated_at = now()
 FROM unnest(
     $1::text[], $2::text[], $3::text[], $4::text[], $5::int[], $6::jsonb[],
     $7::uuid[], $8::timestamptz[], $9::text[], $10::timestamptz[], $11::timestamptz[],
-    $12::timestamptz[], $13::timestamptz[])
+    $12::timestamptz[], $13::timestamptz[], $14::timestamptz[], $15::timestamptz[])
     AS u(sandbox_id, project_id, user_id, template, idle_timeout_s, metadata,
          created_event_id, created_event_at, state, last_activity, pause_due_at,
-         killed_at, claimed_activity)
+         killed_at, last_arrived_at, resume_requested_at, dry_run_at)
 WHERE s.sandbox_id = u.sandbox_id;
 
 -- name: insert_transitions
-INSERT INTO session_transitions (sandbox_id, from_state, to_state, reason, actor, generation)
-SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[]);
+INSERT INTO session_transitions (sandbox_id, from_state, to_state, reason, actor, generation, detail)
+SELECT * FROM unnest(
+    $1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[], $7::jsonb[]);
 
 -- name: start_tick
 INSERT INTO scheduler_ticks (tick_at, replica) VALUES ($1, $2)
@@ -47,7 +50,7 @@ RETURNING tick_at;
 -- name: finish_tick
 UPDATE scheduler_ticks
 SET finished_at = clock_timestamp(), claimed = $2, republished = $3, expired = $4,
-    skipped = $5, error = $6
+    skipped = $5, error = $6, detail = $7::jsonb
 WHERE tick_at = $1;
 
 -- name: try_tick_lock
@@ -60,16 +63,19 @@ SELECT pg_advisory_unlock(hashtext($1));
 SELECT count(*) FROM sandbox_sessions WHERE state = 'RUNNING';
 
 -- name: claim_idle
+-- $2 is the ingest watermark: only a deadline that passed before every event
+-- published up to then was committed is a deadline ingest can vouch for.
 WITH due AS (
     SELECT sandbox_id FROM sandbox_sessions
-    WHERE state = 'RUNNING' AND pause_due_at <= now()
+    WHERE state = 'RUNNING' AND pause_due_at <= LEAST(now(), $2)
     ORDER BY pause_due_at
     LIMIT $1
     FOR UPDATE SKIP LOCKED
 ), claimed AS (
     UPDATE sandbox_sessions AS s
     SET state = 'PAUSING', generation = s.generation + 1, claimed_activity = s.last_activity,
-        claimed_at = now(), pause_attempts = 0, updated_at = now()
+        claimed_at = now(), pause_attempts = 0, attempt_id = NULL, attempt_until = NULL,
+        resume_requested_at = NULL, updated_at = now()
     FROM due WHERE s.sandbox_id = due.sandbox_id
     RETURNING s.sandbox_id, s.generation
 ), logged AS (
@@ -82,7 +88,8 @@ SELECT sandbox_id, generation FROM claimed;
 WITH claimed AS (
     UPDATE sandbox_sessions
     SET state = 'PAUSING', generation = generation + 1, claimed_activity = last_activity,
-        claimed_at = now(), pause_attempts = 0, updated_at = now()
+        claimed_at = now(), pause_attempts = 0, attempt_id = NULL, attempt_until = NULL,
+        resume_requested_at = NULL, updated_at = now()
     WHERE sandbox_id = $1 AND state = 'RUNNING'
     RETURNING sandbox_id, generation
 ), logged AS (
@@ -95,6 +102,7 @@ SELECT sandbox_id, generation FROM claimed;
 WITH stale AS (
     SELECT sandbox_id FROM sandbox_sessions
     WHERE state = 'PAUSING' AND claimed_at < now() - make_interval(secs => $1)
+      AND (attempt_until IS NULL OR attempt_until <= now())
     ORDER BY claimed_at
     LIMIT $2
     FOR UPDATE SKIP LOCKED
@@ -106,7 +114,7 @@ RETURNING s.sandbox_id, s.generation;
 -- name: expire_paused
 WITH old AS (
     SELECT sandbox_id FROM sandbox_sessions
-    WHERE state = 'PAUSED' AND paused_at < now() - make_interval(days => $1)
+    WHERE state = 'PAUSED' AND paused_at < now() - make_interval(secs => $1::float8 * 86400)
     LIMIT $2
     FOR UPDATE SKIP LOCKED
 ), expired AS (
@@ -119,34 +127,165 @@ WITH old AS (
 )
 SELECT count(*) FROM expired;
 
--- name: command_backed
-SELECT 1 FROM sandbox_sessions WHERE sandbox_id = $1 AND state = 'PAUSING' AND generation = $2;
+-- name: release_claims
+-- Claims whose commands could not be published go back to RUNNING at once,
+-- with the deadline they had (a claim does not move it).
+WITH released AS (
+    UPDATE sandbox_sessions AS s SET state = 'RUNNING', updated_at = now()
+    FROM unnest($1::text[], $2::bigint[]) AS c(sandbox_id, generation)
+    WHERE s.sandbox_id = c.sandbox_id AND s.generation = c.generation
+      AND s.state = 'PAUSING' AND s.attempt_id IS NULL
+    RETURNING s.sandbox_id, s.generation
+), logged AS (
+    INSERT INTO session_transitions (sandbox_id, from_state, to_state, reason, actor, generation)
+    SELECT sandbox_id, 'PAUSING', 'RUNNING', $3, 'scheduler', generation FROM released
+)
+SELECT count(*) FROM released;
+
+-- name: unpark_dry_run
+-- Rows a dry run parked become due again, by the rule of state.pause_due: the
+-- timeout runs from the later of the newest activity and the newest arrival.
+WITH parked AS (
+    SELECT sandbox_id FROM sandbox_sessions
+    WHERE dry_run_at IS NOT NULL AND state = 'RUNNING'
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE sandbox_sessions AS s
+SET dry_run_at = NULL,
+    pause_due_at = GREATEST(
+        GREATEST(s.last_activity, s.last_arrived_at) + make_interval(secs => coalesce(s.idle_timeout_s, $1)),
+        s.keep_alive_until, s.retry_after),
+    updated_at = now()
+FROM parked WHERE s.sandbox_id = parked.sandbox_id;
+
+-- name: begin_attempt
+-- The compare-and-set before E2B is called: the row must back the command
+-- (PAUSING, same generation) and no other attempt may hold it. The winner
+-- holds it for $4 seconds, longer than its calls can take.
+WITH cur AS (
+    SELECT sandbox_id, state, generation, attempt_until FROM sandbox_sessions
+    WHERE sandbox_id = $1 FOR UPDATE
+), took AS (
+    UPDATE sandbox_sessions AS s
+    SET attempt_id = $3, attempt_until = now() + make_interval(secs => $4), pause_attempts = $5,
+        updated_at = now()
+    FROM cur
+    WHERE s.sandbox_id = cur.sandbox_id AND cur.state = 'PAUSING' AND cur.generation = $2
+      AND (cur.attempt_until IS NULL OR cur.attempt_until <= now())
+    RETURNING s.claimed_activity
+)
+SELECT EXISTS (SELECT 1 FROM took) AS taken,
+       (SELECT claimed_activity FROM took) AS claimed_activity,
+       cur.state = 'PAUSING' AND cur.generation = $2 AS backed,
+       greatest(0, extract(epoch FROM cur.attempt_until - now()))::float8 AS held_for
+FROM cur;
+
+-- name: record_attempt
+-- A retryable failure: the attempt's hold ends now, so a copy of the command may try.
+UPDATE sandbox_sessions
+SET pause_attempts = $4, last_error = $5, attempt_until = now(), updated_at = now()
+WHERE sandbox_id = $1 AND state = 'PAUSING' AND generation = $2 AND attempt_id = $3;
 
 -- name: finish_pause
 -- The compare-and-set that closes a pause: only a row still PAUSING with the
--- command's generation moves, so an activity during the E2B call wins.
-WITH moved AS (
-    UPDATE sandbox_sessions
-    SET state = $3,
-        paused_at = CASE WHEN $3 = 'PAUSED' THEN now() ELSE paused_at END,
-        killed_at = CASE WHEN $3 = 'KILLED' THEN now() ELSE killed_at END,
-        retry_after = $5,
-        pause_due_at = CASE WHEN $3 = 'RUNNING' THEN GREATEST(pause_due_at, $6) ELSE pause_due_at END,
-        claimed_activity = NULL,
-        last_error = $4,
-        pause_attempts = $7,
+-- command's generation and this attempt moves. When it does not, the answer
+-- tells where the row went (activity during the call sends it to RUNNING).
+WITH cur AS (
+    SELECT sandbox_id, state, generation FROM sandbox_sessions WHERE sandbox_id = $1 FOR UPDATE
+), moved AS (
+    UPDATE sandbox_sessions AS s
+    SET state = $4,
+        paused_at = CASE WHEN $4 = 'PAUSED' THEN now() ELSE s.paused_at END,
+        killed_at = CASE WHEN $4 = 'KILLED' THEN now() ELSE s.killed_at END,
+        retry_after = $6,
+        pause_due_at = CASE WHEN $4 = 'RUNNING' THEN GREATEST(s.pause_due_at, $7) ELSE s.pause_due_at END,
+        dry_run_at = $8,
+        last_error = $5,
+        pause_attempts = $9,
+        e2b_end_at = coalesce($10, s.e2b_end_at),
+        lifetime_left_s = $11,
+        resume_requested_at = CASE WHEN $12 THEN now() ELSE NULL END,
+        attempt_until = NULL,
         updated_at = now()
-    WHERE sandbox_id = $1 AND state = 'PAUSING' AND generation = $2
-    RETURNING sandbox_id, generation
+    FROM cur
+    WHERE s.sandbox_id = cur.sandbox_id AND cur.state = 'PAUSING' AND cur.generation = $2
+      AND s.attempt_id = $3
+    RETURNING s.sandbox_id, s.generation
 ), logged AS (
     INSERT INTO session_transitions (sandbox_id, from_state, to_state, reason, actor, generation)
-    SELECT sandbox_id, 'PAUSING', $3, $8, 'worker', generation FROM moved
+    SELECT sandbox_id, 'PAUSING', $4, $13, 'worker', generation FROM moved
 )
-SELECT count(*) FROM moved;
+SELECT EXISTS (SELECT 1 FROM moved) AS moved, cur.state FROM cur;
 
--- name: record_attempt
-UPDATE sandbox_sessions SET pause_attempts = $3, last_error = $4, updated_at = now()
-WHERE sandbox_id = $1 AND state = 'PAUSING' AND generation = $2;
+-- name: take_repairs
+-- Rows whose sandbox may have been paused while in use, for this worker to check.
+WITH due AS (
+    SELECT sandbox_id FROM sandbox_sessions
+    WHERE resume_requested_at IS NOT NULL AND state = 'RUNNING'
+      AND (attempt_until IS NULL OR attempt_until <= now())
+    ORDER BY resume_requested_at
+    LIMIT $3
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE sandbox_sessions AS s
+SET attempt_id = $1, attempt_until = now() + make_interval(secs => $2), updated_at = now()
+FROM due WHERE s.sandbox_id = due.sandbox_id
+RETURNING s.sandbox_id, s.last_activity, s.claimed_activity, s.lifetime_left_s;
+
+-- name: take_own_repair
+-- The worker whose pause raced with activity repairs it at once, under the
+-- attempt it already holds.
+UPDATE sandbox_sessions
+SET attempt_until = now() + make_interval(secs => $3), updated_at = now()
+WHERE sandbox_id = $1 AND attempt_id = $2 AND state = 'RUNNING' AND resume_requested_at IS NOT NULL
+RETURNING sandbox_id, last_activity, claimed_activity, lifetime_left_s;
+
+-- name: finish_repair
+-- $3: 'paused_in_use' (resumed it), 'running' (nothing to do) or 'gone'.
+WITH done AS (
+    UPDATE sandbox_sessions AS s
+    SET resume_requested_at = NULL, attempt_id = NULL, attempt_until = NULL,
+        state = CASE WHEN $3 = 'gone' THEN 'KILLED' ELSE s.state END,
+        killed_at = CASE WHEN $3 = 'gone' THEN now() ELSE s.killed_at END,
+        updated_at = now()
+    WHERE s.sandbox_id = $1 AND s.attempt_id = $2 AND s.state = 'RUNNING'
+    RETURNING s.sandbox_id, s.generation
+), logged AS (
+    INSERT INTO session_transitions (sandbox_id, from_state, to_state, reason, actor, generation, detail)
+    SELECT sandbox_id, 'RUNNING', CASE WHEN $3 = 'gone' THEN 'KILLED' ELSE 'RUNNING' END, $3, 'worker',
+           generation, $4::jsonb
+    FROM done WHERE $3 <> 'running'
+)
+SELECT count(*) FROM done;
+
+-- name: delay_repair
+UPDATE sandbox_sessions SET attempt_until = now() + make_interval(secs => $3), updated_at = now()
+WHERE sandbox_id = $1 AND attempt_id = $2;
+
+-- name: pending_repairs
+SELECT count(*) FROM sandbox_sessions WHERE resume_requested_at IS NOT NULL AND state = 'RUNNING';
+
+-- name: beat_ingest
+INSERT INTO ingest_replicas (replica, beat_at, held, held_redelivered) VALUES ($1, now(), $2, $3)
+ON CONFLICT (replica) DO UPDATE SET beat_at = now(), held = $2, held_redelivered = $3
+RETURNING beat_at;
+
+-- name: advance_watermark
+INSERT INTO ingest_replicas (replica, watermark) VALUES ($1, $2)
+ON CONFLICT (replica) DO UPDATE
+SET watermark = GREATEST(ingest_replicas.watermark, EXCLUDED.watermark);
+
+-- name: forget_ingest
+DELETE FROM ingest_replicas WHERE replica = $1;
+
+-- name: ingest_replicas
+SELECT n.now, r.replica, r.beat_at, r.held, r.held_redelivered, r.watermark
+FROM (SELECT now() AS now) AS n LEFT JOIN ingest_replicas AS r ON true;
+
+-- name: retire_ingest
+-- A replica silent this long is gone; the broker has returned what it held.
+DELETE FROM ingest_replicas WHERE beat_at < now() - make_interval(secs => $1);
 
 -- name: keep_alive
 -- A pending pause is cancelled too: the worker's compare-and-set then finds RUNNING.
@@ -156,7 +295,9 @@ WITH old AS (
     UPDATE sandbox_sessions AS s
     SET keep_alive_until = $2, pause_due_at = GREATEST(s.pause_due_at, $2),
         state = CASE WHEN s.state = 'PAUSING' THEN 'RUNNING' ELSE s.state END,
-        claimed_activity = CASE WHEN s.state = 'PAUSING' THEN NULL ELSE s.claimed_activity END,
+        -- a pause call may be under way: the worker then resumes the sandbox
+        resume_requested_at = CASE WHEN s.state = 'PAUSING' AND s.attempt_id IS NOT NULL THEN now()
+                                   ELSE s.resume_requested_at END,
         updated_at = now()
     FROM old WHERE s.sandbox_id = old.sandbox_id
     RETURNING s.sandbox_id, s.state, s.generation, old.state AS old_state
