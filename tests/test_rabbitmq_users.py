@@ -16,16 +16,18 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aio_pika
 import aiormq
 import orjson
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
-from conftest import event, wait_for
+from conftest import AMQP_URL, DATABASE_URL, ago, event, wait_for
 from management import Management, amqp_url, management, throwaway_vhost, vhost_path
 from pamqp.commands import Basic
 
+from consumer import runner
 from consumer.broker import (
     DETAIL_HEADER,
     PAUSE_ROUTING_KEY,
@@ -34,9 +36,10 @@ from consumer.broker import (
     declare_topology,
     queue_depth,
 )
+from consumer.emulator import Emulator
 from consumer.errors import ConfigError
 from consumer.rabbitmq_definitions import check_password, password_matches, render
-from consumer.settings import load_settings
+from consumer.settings import Settings, load_settings
 from schemas import EVENT_TYPES, OUTCOME_TYPES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -143,10 +146,6 @@ class Users:
         return amqp_url(self.names[user], self.passwords[user], self.vhost)
 
     def admin_url(self) -> str:
-        from urllib.parse import urlsplit
-
-        from conftest import AMQP_URL
-
         parsed = urlsplit(AMQP_URL)
         return amqp_url(parsed.username or "guest", parsed.password or "guest", self.vhost)
 
@@ -453,3 +452,56 @@ async def test_the_limits_apply_to_the_events_queue_and_the_dead_letters(users: 
     assert found[NAMES.events_queue] == "autopause-events-limit"
     assert found[NAMES.events_dlq] == found[NAMES.pause_dlq] == "autopause-dead-letters-limit"
     assert found[NAMES.pause_queue] is None
+
+
+@pytest.mark.xfail(
+    "declare_topology" not in Settings.model_fields,
+    reason="every role declares the topology at start until the setting AUTOPAUSE_DECLARE_TOPOLOGY lands",
+    raises=aiormq.exceptions.ChannelAccessRefused,
+    strict=True,
+)
+async def test_every_role_runs_with_its_own_user(users: Users, settings: Settings) -> None:
+    """Ingest, a tick and a worker, each process signed in as its role's user, topology not declared."""
+    async with Emulator(api_key="e2b_emulator") as emulator:
+
+        def as_role(role: str) -> Settings:
+            return load_settings(
+                amqp_url=users.url(role),
+                database_url=DATABASE_URL,
+                database_schema=settings.database_schema,
+                topology_prefix="",
+                metrics_port=0,
+                flush_interval=0.05,
+                e2b_api_url=emulator.url,
+                e2b_api_key="e2b_emulator",
+                retry_base_delay=0.01,
+                retry_max_delay=0.05,
+                e2b_request_timeout=5.0,
+                claim_max_share=1.0,
+                declare_topology=False,
+            )
+
+        sandbox = f"sbx-{uuid.uuid4().hex[:12]}"
+        emulator.add_sandbox(sandbox)
+        producer = await aio_pika.connect(users.url("producer"))
+        async with producer:
+            channel = await producer.channel(publisher_confirms=True)
+            events = await channel.get_exchange(NAMES.events_exchange, ensure=False)
+            created = orjson.dumps(event("created", sandbox, at=ago(3600)))
+            await events.publish(aio_pika.Message(created, delivery_mode=2), routing_key="sandbox.created")
+            await events.publish(
+                aio_pika.Message(b"not json", delivery_mode=2), routing_key="sandbox.activity"
+            )
+
+        assert await runner.run(as_role("ingest"), {"ingest"}, burst=True) == 0
+        assert await runner.run(as_role("scheduler"), {"scheduler"}, once=True) == 0
+        assert await runner.run(as_role("worker"), {"worker"}, burst=True) == 0
+        assert emulator.state_of(sandbox) == "paused"
+
+        operator = await aio_pika.connect(users.url("operator"))
+        async with operator:
+            dlq = await (await operator.channel()).get_queue(NAMES.events_dlq, ensure=False)
+            rejected = await wait_for(
+                lambda: dlq.get(no_ack=True, fail=False), timeout=10, what="the dead letter"
+            )
+            assert rejected.body == b"not json"
