@@ -414,6 +414,9 @@ def test_rabbitmq_loads_the_rendered_definitions_and_its_plugins() -> None:
         t for t, (s, _) in mounts("rabbitmq-definitions").items() if s == "rabbitmq-definitions"
     ]
     assert output.startswith(volume_target + "/")
+    # a fresh named volume takes the owner of the image's directory: the image user must own it
+    runs = " ".join(args for instruction, args in dockerfile_instructions() if instruction == "RUN")
+    assert f"install -d -o autopause -g autopause {volume_target}" in runs
     settings = [line.split("#")[0].strip() for line in RABBITMQ_CONF.read_text().splitlines()]
     loaded = "/etc/rabbitmq/autopause/" + output.removeprefix(volume_target + "/")
     assert f"load_definitions = {loaded}" in settings
