@@ -1,6 +1,7 @@
 # One image for every autopause process: the roles (run ingest|scheduler|worker),
 # migrate, the E2B emulator and the traffic generator. docker-compose.yml picks the
-# command; health checks are set there too.
+# command; health checks are set there too. /var/lib/autopause/rabbitmq is where the
+# rabbitmq-definitions service writes the broker's definitions (a volume shared with RabbitMQ).
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -23,7 +24,8 @@ COPY e2b_emulator/ e2b_emulator/
 RUN pip install . \
     && groupadd --system --gid 10001 autopause \
     && useradd --system --uid 10001 --gid autopause --create-home --home-dir /home/autopause \
-        --shell /usr/sbin/nologin autopause
+        --shell /usr/sbin/nologin autopause \
+    && install -d -o autopause -g autopause /var/lib/autopause/rabbitmq
 
 USER 10001:10001
 WORKDIR /home/autopause

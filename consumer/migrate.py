@@ -48,7 +48,10 @@ async def migrate(
     lock_key = f"autopause.migrate.{schema}"
     await connection.execute("SELECT pg_advisory_lock(hashtext($1))", lock_key)
     try:
-        await connection.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+        # CREATE SCHEMA IF NOT EXISTS needs CREATE on the database even when the schema is
+        # there; the application role owns its schema and has no such right
+        if not await connection.fetchval("SELECT 1 FROM pg_namespace WHERE nspname = $1", schema):
+            await connection.execute(f'CREATE SCHEMA "{schema}"')
         await connection.execute(f'SET search_path TO "{schema}"')
         await connection.execute(
             """CREATE TABLE IF NOT EXISTS autopause_migrations (

@@ -1,18 +1,16 @@
 """The container deployment, checked without a Docker engine.
 
 The compose file is read as compose reads it (YAML merge keys, then variable
-interpolation), every command it gives the image is put to the real CLI, every
-environment it gives a service is put to the real settings, and the RabbitMQ
-definitions are imported into a throwaway vhost of the local broker, where the
-producer must be refused everything but publishing events and the service user
-must run the whole pipeline.
+interpolation): every secret must come from the environment, every command it
+gives the image is put to the real CLI, every environment it gives a service is
+put to the real settings, each service signs in as its own user with the
+password that the rendered RabbitMQ definitions hash, and every file it mounts
+exists. What the users may do on a real broker is tested in test_rabbitmq_users.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
 import json
 import os
 import re
@@ -20,43 +18,65 @@ import shlex
 import subprocess
 import sys
 import tomllib
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from functools import cache
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import urlsplit
 
-import aio_pika
-import aiohttp
-import aiormq
-import orjson
 import pytest
 import yaml
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
-from conftest import AMQP_URL, ago, event, wait_for
-from pamqp.commands import Basic
-from pydantic import SecretStr
 
-from consumer import runner
-from consumer.broker import PAUSE_ROUTING_KEY, Names, declare_topology, message
 from consumer.health import Health, serve
+from consumer.rabbitmq_definitions import password_matches
 from consumer.runner import check_e2b
-from consumer.settings import Settings, load_settings
-from e2b_emulator import Emulator
-from schemas import EVENT_TYPES
+from consumer.settings import load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 DEFINITIONS_FILE = ROOT / "deploy" / "rabbitmq" / "definitions.json"
 RABBITMQ_CONF = ROOT / "deploy" / "rabbitmq" / "rabbitmq.conf"
+ENV_EXAMPLE = ROOT / ".env.example"
 
-SERVICES = {"rabbitmq", "postgres", "migrate", "ingest", "scheduler", "worker", "e2b-emulator", "generator"}
+SERVICES = {
+    "rabbitmq-definitions",
+    "rabbitmq",
+    "postgres",
+    "migrate",
+    "ingest",
+    "scheduler",
+    "worker",
+    "e2b-emulator",
+    "generator",
+    "operator",
+    "prometheus",
+    "alertmanager",
+    "grafana",
+    "rabbitmq-2",
+    "rabbitmq-3",
+    "rabbitmq-replicas",
+}
+PROFILES = {
+    "generator": ["demo"],
+    "operator": ["operator"],
+    "prometheus": ["monitoring"],
+    "alertmanager": ["monitoring"],
+    "grafana": ["monitoring"],
+    "rabbitmq-2": ["cluster"],
+    "rabbitmq-3": ["cluster"],
+    "rabbitmq-replicas": ["cluster"],
+}
 ROLES = ("ingest", "scheduler", "worker")
-# the development passwords that docs/deploy.md and the compose file announce
-DEV_PASSWORDS = {"autopause": "autopause", "producer": "producer", "admin": "admin"}
+# the AMQP user of each service that talks to RabbitMQ
+AMQP_USERS = {
+    "ingest": "ingest",
+    "scheduler": "scheduler",
+    "worker": "worker",
+    "generator": "producer",
+    "operator": "operator",
+}
+DATABASE_USERS = {"migrate", "ingest", "scheduler", "worker", "operator"}
 EMULATOR_URL = "http://e2b-emulator:3000"
 
 
@@ -148,10 +168,24 @@ def compose_text() -> str:
     return COMPOSE_FILE.read_text()
 
 
-def compose(env: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """The compose file as compose sees it with ``env`` as the shell environment."""
+@cache
+def required_variables() -> list[str]:
+    """The variables compose refuses to start without (``${NAME:?...}``), in order of appearance."""
+    found = re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*):\?", compose_text())
+    return list(dict.fromkeys(found))
+
+
+@cache
+def secrets_env() -> dict[str, str]:
+    """A value for every required variable, as .env gives them (hex, like the documented generator)."""
+    return {name: os.urandom(24).hex() for name in required_variables()}
+
+
+def compose(env: Mapping[str, str] | None = None, *, with_secrets: bool = True) -> dict[str, Any]:
+    """The compose file as compose sees it with ``env`` (and, unless told, the secrets) as environment."""
+    shell = {**(secrets_env() if with_secrets else {}), **(env or {})}
     loaded = yaml.safe_load(compose_text())
-    resolved: dict[str, Any] = _resolve(loaded, env or {})
+    resolved: dict[str, Any] = _resolve(loaded, shell)
     return resolved
 
 
@@ -160,29 +194,13 @@ def autopause_services() -> list[str]:
     return sorted(name for name, spec in compose()["services"].items() if "build" in spec)
 
 
+def cli_services() -> list[str]:
+    """The services that run the autopause CLI (the image's entrypoint)."""
+    return [name for name in autopause_services() if "entrypoint" not in compose()["services"][name]]
+
+
 def environment(service: str, env: Mapping[str, str] | None = None) -> dict[str, str]:
     return {key: str(value) for key, value in compose(env)["services"][service]["environment"].items()}
-
-
-@cache
-def definitions() -> dict[str, Any]:
-    loaded: dict[str, Any] = json.loads(DEFINITIONS_FILE.read_text())
-    return loaded
-
-
-def definition_user(name: str) -> dict[str, Any]:
-    return next(user for user in definitions()["users"] if user["name"] == name)
-
-
-def permission(user: str) -> dict[str, str]:
-    return next(p for p in definitions()["permissions"] if p["user"] == user)
-
-
-def password_matches(password_hash: str, password: str) -> bool:
-    """rabbit_password_hashing_sha256: base64(salt, 4 bytes + SHA-256(salt + UTF-8 password))."""
-    raw = base64.b64decode(password_hash)
-    salt, digest = raw[:4], raw[4:]
-    return hashlib.sha256(salt + password.encode()).digest() == digest
 
 
 def dockerfile_instructions() -> list[tuple[str, str]]:
@@ -233,42 +251,262 @@ def test_the_interpolation_stops_on_a_missing_required_variable() -> None:
 
 
 def test_compose_file_has_every_service() -> None:
-    assert set(compose()["services"]) == SERVICES
-    assert set(autopause_services()) == SERVICES - {"rabbitmq", "postgres"}
+    services = compose()["services"]
+    assert set(services) == SERVICES
+    assert set(autopause_services()) == {
+        "rabbitmq-definitions",
+        "migrate",
+        "ingest",
+        "scheduler",
+        "worker",
+        "e2b-emulator",
+        "generator",
+        "operator",
+    }
+    assert {name: spec["profiles"] for name, spec in services.items() if "profiles" in spec} == PROFILES
 
 
-def test_rabbitmq_has_the_management_ui_and_loads_the_definitions() -> None:
+# -- secrets ----------------------------------------------------------------------------------
+
+
+def test_compose_refuses_to_start_without_each_secret() -> None:
+    assert set(required_variables()) == {
+        "AUTOPAUSE_DB_PASSWORD",
+        "POSTGRES_PASSWORD",
+        "RABBITMQ_ERLANG_COOKIE",
+        "RABBITMQ_INGEST_PASSWORD",
+        "RABBITMQ_SCHEDULER_PASSWORD",
+        "RABBITMQ_WORKER_PASSWORD",
+        "RABBITMQ_PRODUCER_PASSWORD",
+        "RABBITMQ_OPERATOR_PASSWORD",
+        "RABBITMQ_ADMIN_PASSWORD",
+        "GRAFANA_ADMIN_PASSWORD",
+    }
+    for name in required_variables():
+        shell = {key: value for key, value in secrets_env().items() if key != name}
+        with pytest.raises(LookupError, match=name) as refused:
+            compose(shell, with_secrets=False)
+        assert ".env.example" in str(refused.value), name
+
+
+def test_no_secret_has_a_default_in_the_compose_file() -> None:
+    text = compose_text()
+    for word in ("PASSWORD", "COOKIE"):
+        for match in re.finditer(rf"\$\{{(\w*{word}\w*)(:?[-+?])", text):
+            assert match.group(2) == ":?", f"{match.group(1)} must be required, not defaulted"
+    assert "guest:guest" not in text
+    for user in ("admin", "autopause", "producer"):
+        assert f"{user}:{user}@" not in text
+
+
+def test_env_example_lists_every_secret_and_generates_strong_values(tmp_path: Path) -> None:
+    listed = re.findall(r"^([A-Z][A-Z0-9_]*)=$", ENV_EXAMPLE.read_text(), re.MULTILINE)
+    assert set(listed) == set(required_variables())
+    (generator,) = [
+        line.removeprefix("#").strip()
+        for line in ENV_EXAMPLE.read_text().splitlines()
+        if "openssl rand" in line and "> .env" in line
+    ]
+    assert generator in (ROOT / "docs" / "deploy.md").read_text(), "the documented one-liner differs"
+    (tmp_path / ".env.example").write_text(ENV_EXAMPLE.read_text())
+    done = subprocess.run(["bash", "-c", generator], cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    generated = dict(line.split("=", 1) for line in (tmp_path / ".env").read_text().splitlines())
+    assert set(generated) == set(required_variables())
+    assert len(set(generated.values())) == len(generated)
+    for name, value in generated.items():
+        assert re.fullmatch(r"[0-9a-f]{64}", value), name
+    assert (tmp_path / ".env").stat().st_mode & 0o077 == 0, ".env must be readable by its owner only"
+    compose(generated, with_secrets=False)  # nothing missing
+
+
+def test_the_database_password_reaches_only_the_services_that_use_the_database() -> None:
+    secret = secrets_env()["AUTOPAUSE_DB_PASSWORD"]
+    superuser = secrets_env()["POSTGRES_PASSWORD"]
+    for name, spec in compose()["services"].items():
+        text = json.dumps(spec)
+        if name in DATABASE_USERS:
+            assert secret in text, name
+        elif name != "postgres":
+            assert secret not in text, name
+        if name != "postgres":
+            assert superuser not in text, f"{name} must not know the Postgres superuser's password"
+
+
+def test_each_amqp_password_reaches_only_its_own_service() -> None:
+    for user in ("ingest", "scheduler", "worker", "producer", "operator", "admin"):
+        secret = secrets_env()[f"RABBITMQ_{user.upper()}_PASSWORD"]
+        holders = {name for name, spec in compose()["services"].items() if secret in json.dumps(spec)}
+        expected = {name for name, amqp in AMQP_USERS.items() if amqp == user} | {"rabbitmq-definitions"}
+        assert holders == expected, user
+
+
+# -- ports ----------------------------------------------------------------------------------------
+
+
+def published(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """container port -> host address of every published port (services in any profile)."""
+    ports = {}
+    for spec in compose(env)["services"].values():
+        for port in spec.get("ports", []):
+            address, host_port, container = str(port).split("#")[0].strip().rsplit(":", 2)
+            ports[f"{host_port}->{container}"] = address
+    return ports
+
+
+def test_published_ports_listen_on_loopback_unless_told_otherwise() -> None:
+    assert set(published()) == {
+        "5672->5672",
+        "15672->15672",
+        "9464->9464",
+        "3000->3000",
+        "9090->9090",
+        "9093->9093",
+        "3001->3000",
+    }
+    assert set(published().values()) == {"127.0.0.1"}
+    widened = published({"AMQP_BIND_ADDRESS": "0.0.0.0"})
+    assert widened.pop("5672->5672") == "0.0.0.0"
+    assert set(widened.values()) == {"127.0.0.1"}, "only AMQP follows AMQP_BIND_ADDRESS"
+    admin = published({"ADMIN_BIND_ADDRESS": "10.0.0.5"})
+    assert admin.pop("5672->5672") == "127.0.0.1"
+    assert set(admin.values()) == {"10.0.0.5"}
+
+
+def test_host_ports_do_not_clash() -> None:
+    hosts = [key.split("->")[0] for key in published()]
+    assert len(hosts) == len(set(hosts)), hosts
+
+
+# -- RabbitMQ ---------------------------------------------------------------------------------
+
+
+def mounts(service: str) -> dict[str, tuple[str, list[str]]]:
+    found = {}
+    for volume in compose()["services"][service].get("volumes", []):
+        source, target, *mode = volume.split(":")
+        found[target] = (source, mode)
+    return found
+
+
+def test_every_mounted_file_exists_and_every_volume_is_declared() -> None:
+    spec = compose()
+    for name in spec["services"]:
+        for source, _mode in mounts(name).values():
+            if source.startswith("./"):
+                assert (ROOT / source).exists(), f"{name} mounts {source}, which is missing"
+            else:
+                assert source in spec["volumes"], f"{name} uses an undeclared volume {source}"
+
+
+def test_rabbitmq_loads_the_rendered_definitions_and_its_plugins() -> None:
     rabbit = compose()["services"]["rabbitmq"]
     assert rabbit["image"] == "rabbitmq:3.13-management"
-    assert {str(port).split(":")[-1] for port in rabbit["ports"]} == {"5672", "15672"}
     assert rabbit["healthcheck"]["test"] == ["CMD", "rabbitmq-diagnostics", "-q", "ping"]
-    mounts = {}
-    for volume in rabbit["volumes"]:
-        source, target, *mode = volume.split(":")
-        mounts[target] = (source, mode)
-    assert mounts["/etc/rabbitmq/rabbitmq.conf"] == ("./deploy/rabbitmq/rabbitmq.conf", ["ro"])
-    assert mounts["/etc/rabbitmq/definitions.json"] == ("./deploy/rabbitmq/definitions.json", ["ro"])
-    assert (ROOT / "deploy/rabbitmq/rabbitmq.conf").is_file()
-    assert (ROOT / "deploy/rabbitmq/definitions.json").is_file()
+    assert rabbit["depends_on"]["rabbitmq-definitions"]["condition"] == "service_completed_successfully"
+    found = mounts("rabbitmq")
+    assert found["/etc/rabbitmq/rabbitmq.conf"] == ("./deploy/rabbitmq/rabbitmq.conf", ["ro"])
+    assert found["/etc/rabbitmq/enabled_plugins"] == ("./deploy/rabbitmq/enabled_plugins", ["ro"])
+    assert found["/etc/rabbitmq/autopause"] == ("rabbitmq-definitions", ["ro"])
+    writer = compose()["services"]["rabbitmq-definitions"]
+    output = writer["command"][1]
+    (volume_target,) = [
+        t for t, (s, _) in mounts("rabbitmq-definitions").items() if s == "rabbitmq-definitions"
+    ]
+    assert output.startswith(volume_target + "/")
+    # a fresh named volume takes the owner of the image's directory: the image user must own it
+    runs = " ".join(args for instruction, args in dockerfile_instructions() if instruction == "RUN")
+    assert f"install -d -o autopause -g autopause {volume_target}" in runs
     settings = [line.split("#")[0].strip() for line in RABBITMQ_CONF.read_text().splitlines()]
-    assert "management.load_definitions = /etc/rabbitmq/definitions.json" in settings
+    loaded = "/etc/rabbitmq/autopause/" + output.removeprefix(volume_target + "/")
+    assert f"load_definitions = {loaded}" in settings
+    plugins = (ROOT / "deploy/rabbitmq/enabled_plugins").read_text()
+    assert "rabbitmq_prometheus" in plugins and "rabbitmq_management" in plugins
 
 
-def test_postgres_has_a_health_check_and_keeps_its_data_in_a_named_volume() -> None:
+def test_the_definitions_writer_runs_the_package_module(tmp_path: Path) -> None:
+    writer = compose()["services"]["rabbitmq-definitions"]
+    assert writer["entrypoint"] == ["python", "-m", "consumer.rabbitmq_definitions"]
+    assert writer["restart"] == "no"
+    template_target = writer["command"][0]
+    assert mounts("rabbitmq-definitions")[template_target] == ("./deploy/rabbitmq/definitions.json", ["ro"])
+    output = tmp_path / "out" / "definitions.json"
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(ROOT), **writer["environment"]}
+    command = [sys.executable, *writer["entrypoint"][1:], str(DEFINITIONS_FILE), str(output)]
+    done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert output.stat().st_mode & 0o777 == 0o644
+    rendered = json.loads(output.read_text())
+    hashes = {user["name"]: user["password_hash"] for user in rendered["users"]}
+    for service, user in AMQP_USERS.items():
+        amqp = urlsplit(environment(service)["AUTOPAUSE_AMQP_URL"])
+        assert (amqp.hostname, amqp.username) == ("rabbitmq", user), service
+        assert amqp.password is not None
+        assert password_matches(hashes[user], amqp.password), service
+    # one variable missing: refused, by name, and nothing written
+    del env["RABBITMQ_WORKER_PASSWORD"]
+    output.unlink()
+    done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "RABBITMQ_WORKER_PASSWORD" in done.stderr
+    assert not output.exists()
+
+
+def test_the_cluster_nodes_share_the_cookie_and_find_each_other() -> None:
+    services = compose()["services"]
+    nodes = ("rabbitmq", "rabbitmq-2", "rabbitmq-3")
+    cookies = {services[node]["environment"]["RABBITMQ_ERLANG_COOKIE"] for node in nodes}
+    assert cookies == {secrets_env()["RABBITMQ_ERLANG_COOKIE"]}
+    cluster_conf = (ROOT / "deploy/rabbitmq/cluster.conf").read_text()
+    listed = re.findall(r"^cluster_formation\.classic_config\.nodes\.\d+ = rabbit@(\S+)$", cluster_conf, re.M)
+    assert listed == [services[node]["hostname"] for node in nodes]
+    for node in nodes[1:]:
+        assert mounts(node)["/etc/rabbitmq/conf.d/20-cluster.conf"] == (
+            "./deploy/rabbitmq/cluster.conf",
+            ["ro"],
+        )
+        assert (
+            mounts(node)["/etc/rabbitmq/rabbitmq.conf"] == mounts("rabbitmq")["/etc/rabbitmq/rabbitmq.conf"]
+        )
+        assert "ports" not in services[node]
+    grow = services["rabbitmq-replicas"]["command"][0]
+    assert "grow rabbit@rabbitmq-2 all" in grow and "grow rabbit@rabbitmq-3 all" in grow
+
+
+# -- PostgreSQL -------------------------------------------------------------------------------
+
+
+def test_postgres_makes_the_application_role_and_keeps_its_data_in_a_named_volume() -> None:
     spec = compose()
     postgres = spec["services"]["postgres"]
     assert postgres["image"] == "postgres:16"
-    assert "pg_isready" in postgres["healthcheck"]["test"]
-    volume, target = postgres["volumes"][0].split(":")[:2]
-    assert target == "/var/lib/postgresql/data"
-    assert volume in spec["volumes"]
-    assert {"POSTGRES_DB", "POSTGRES_USER", "POSTGRES_PASSWORD"} <= set(postgres["environment"])
+    assert postgres["healthcheck"]["test"][:4] == ["CMD", "pg_isready", "-h", "127.0.0.1"]
+    found = mounts("postgres")
+    assert found["/var/lib/postgresql/data"][0] in spec["volumes"]
+    script = "/docker-entrypoint-initdb.d/10-autopause-role.sh"
+    assert found[script] == ("./deploy/postgres/10-autopause-role.sh", ["ro"])
+    assert os.access(ROOT / "deploy/postgres/10-autopause-role.sh", os.X_OK)
+    env = postgres["environment"]
+    assert env["AUTOPAUSE_DB_PASSWORD"] == secrets_env()["AUTOPAUSE_DB_PASSWORD"]
+    for service in DATABASE_USERS:
+        database = urlsplit(environment(service)["AUTOPAUSE_DATABASE_URL"])
+        assert (database.hostname, database.username, database.path) == (
+            "postgres",
+            "autopause",
+            "/autopause",
+        )
+        assert database.username != env["POSTGRES_USER"], "autopause never signs in as the superuser"
+        assert database.password == env["AUTOPAUSE_DB_PASSWORD"]
+        assert environment(service)["AUTOPAUSE_DATABASE_SCHEMA"] == "autopause"
+
+
+# -- the roles --------------------------------------------------------------------------------
 
 
 def test_roles_restart_wait_for_their_dependencies_and_are_probed() -> None:
     services = compose()["services"]
     for name in autopause_services():
-        expected = "no" if name == "migrate" else "unless-stopped"
+        expected = "no" if name in ("migrate", "operator", "rabbitmq-definitions") else "unless-stopped"
         assert services[name]["restart"] == expected, name
     assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
     for role in ROLES:
@@ -286,24 +524,25 @@ def test_roles_restart_wait_for_their_dependencies_and_are_probed() -> None:
         assert "ports" not in services[scaled], f"{scaled} replicas would clash on a host port"
 
 
-def test_host_ports_do_not_clash() -> None:
-    published = [
-        str(port).rsplit(":", 1)[0]
-        for spec in compose()["services"].values()
-        for port in spec.get("ports", [])
-    ]
-    assert len(published) == len(set(published)), published
+def test_no_role_declares_the_topology() -> None:
+    for service in (*ROLES, "operator"):
+        assert environment(service)["AUTOPAUSE_DECLARE_TOPOLOGY"] == "false", service
 
 
 def test_the_generator_is_a_demo_producer() -> None:
     generator = compose()["services"]["generator"]
-    assert generator["profiles"] == ["demo"]
     assert generator["command"][:3] == ["generate", "--users", "50"]
     assert urlsplit(generator["environment"]["AUTOPAUSE_AMQP_URL"]).username == "producer"
+    assert "AUTOPAUSE_DATABASE_URL" not in generator["environment"]
     assert generator["depends_on"]["ingest"]["condition"] == "service_healthy"
 
 
-@pytest.mark.parametrize("service", autopause_services())
+def test_the_emulator_gets_no_credentials() -> None:
+    env = environment("e2b-emulator")
+    assert not {"AUTOPAUSE_DATABASE_URL", "AUTOPAUSE_AMQP_URL", "AUTOPAUSE_E2B_API_KEY"} & set(env)
+
+
+@pytest.mark.parametrize("service", cli_services())
 def test_the_cli_accepts_each_service_command(service: str) -> None:
     # click parses every argument before it acts on --help: a wrong one exits 2
     command = compose()["services"][service]["command"]
@@ -319,7 +558,7 @@ def test_the_cli_accepts_each_service_command(service: str) -> None:
     assert done.returncode == 0, f"`autopause {shlex.join(command)}` was refused:\n{done.stderr}"
 
 
-@pytest.mark.parametrize("service", autopause_services())
+@pytest.mark.parametrize("service", cli_services())
 def test_each_service_environment_is_valid_settings(service: str, monkeypatch: pytest.MonkeyPatch) -> None:
     for key in list(os.environ):
         if key.startswith(("AUTOPAUSE_", "E2B_")):
@@ -331,24 +570,6 @@ def test_each_service_environment_is_valid_settings(service: str, monkeypatch: p
     assert settings.metrics_port == 9464
     if service == "worker":
         check_e2b(settings, {"worker"})  # the demo defaults must satisfy the worker's own check
-
-
-@pytest.mark.parametrize("service", autopause_services())
-def test_each_service_signs_in_as_its_least_privileged_user(service: str) -> None:
-    env = environment(service)
-    amqp = urlsplit(env["AUTOPAUSE_AMQP_URL"])
-    assert amqp.hostname == "rabbitmq"
-    assert amqp.username == ("producer" if service == "generator" else "autopause")
-    assert amqp.password is not None
-    assert password_matches(definition_user(amqp.username)["password_hash"], amqp.password)
-    database = urlsplit(env["AUTOPAUSE_DATABASE_URL"])
-    postgres = compose()["services"]["postgres"]["environment"]
-    assert database.hostname == "postgres"
-    assert (database.username, database.password, database.path) == (
-        postgres["POSTGRES_USER"],
-        postgres["POSTGRES_PASSWORD"],
-        "/" + postgres["POSTGRES_DB"],
-    )
 
 
 @pytest.mark.parametrize(
@@ -455,268 +676,3 @@ def test_the_image_gets_everything_pip_install_reads() -> None:
     assert wanted <= copied, f"not copied into the image: {wanted - copied}"
     missing = [name for name in sorted(wanted) if not (ROOT / name).exists()]
     assert not missing, f"`docker build` would fail, missing from the build context: {missing}"
-
-
-# -- the RabbitMQ definitions, offline ----------------------------------------------------
-
-
-def test_definitions_hold_the_users_and_no_topology() -> None:
-    defs = definitions()
-    assert [vhost["name"] for vhost in defs["vhosts"]] == ["/"]
-    assert {user["name"] for user in defs["users"]} == set(DEV_PASSWORDS)
-    for user in defs["users"]:
-        assert user["hashing_algorithm"] == "rabbit_password_hashing_sha256"
-        assert password_matches(user["password_hash"], DEV_PASSWORDS[user["name"]]), user["name"]
-        assert user["tags"] == (["administrator"] if user["name"] == "admin" else []), user["name"]
-    # the service declares its topology itself, with the arguments broker.py gives it
-    for kind in ("queues", "exchanges", "bindings", "policies"):
-        assert not defs.get(kind), kind
-
-
-def test_the_service_user_is_confined_to_its_own_names() -> None:
-    grant = permission("autopause")
-    names = Names("")
-    own = [*names.queues(), *names.exchanges()]
-    foreign = [
-        "",
-        "amq.default",
-        "amq.topic",
-        "amq.gen-JzTY20BRgKO",
-        "other",
-        "sandbox.eventsX",
-        "xautopause.pause",
-    ]
-    for kind in ("configure", "write", "read"):
-        pattern = re.compile(grant[kind])
-        assert all(pattern.search(name) for name in own), kind
-        assert not any(pattern.search(name) for name in foreign), kind
-
-
-def test_the_producer_may_only_write_to_the_events_exchange() -> None:
-    grant = permission("producer")
-    assert (grant["configure"], grant["read"]) == ("^$", "^$")
-    write = re.compile(grant["write"])
-    names = Names("")
-    assert [n for n in [*names.queues(), *names.exchanges(), "amq.default"] if write.search(n)] == [
-        names.events_exchange
-    ]
-    (topic,) = [p for p in definitions()["topic_permissions"] if p["user"] == "producer"]
-    assert topic["exchange"] == names.events_exchange
-    keys = re.compile(topic["write"])
-    assert all(keys.search(kind) for kind in EVENT_TYPES)
-    assert not any(keys.search(key) for key in ("sandbox.pause", "sandbox.bogus", "#", ""))
-
-
-# -- the RabbitMQ definitions, on the local broker ----------------------------------------
-
-
-@dataclass(frozen=True)
-class Imported:
-    """The definitions' users and permissions, imported into a vhost of their own."""
-
-    vhost: str
-    users: dict[str, str]  # name in the definitions -> name on the broker
-
-    def url(self, user: str) -> str:
-        parsed = urlsplit(AMQP_URL)
-        login = f"{self.users[user]}:{DEV_PASSWORDS[user]}"
-        return f"amqp://{login}@{parsed.hostname}:{parsed.port or 5672}/{quote(self.vhost, safe='')}"
-
-
-@pytest.fixture
-async def imported() -> AsyncIterator[Imported]:
-    parsed = urlsplit(AMQP_URL)
-    api = f"http://{parsed.hostname}:15672/api"
-    login = aiohttp.encode_basic_auth(parsed.username or "guest", parsed.password or "guest")
-    async with aiohttp.ClientSession(
-        headers={"Authorization": login}, timeout=aiohttp.ClientTimeout(total=15)
-    ) as http:
-        try:
-            async with http.get(f"{api}/overview") as response:
-                reachable = response.status == 200
-        except (aiohttp.ClientError, TimeoutError):
-            reachable = False
-        if not reachable:
-            pytest.skip(
-                f"RabbitMQ management API unreachable at {api} "
-                "(enable it: rabbitmq-plugins enable rabbitmq_management)"
-            )
-        seed = uuid.uuid4().hex[:10]
-        vhost = f"autopause-test-{seed}"
-        made = Imported(vhost, {})
-        try:
-            await _put(http, f"{api}/vhosts/{quote(vhost, safe='')}", {})
-            for user in definitions()["users"]:
-                if "administrator" in user["tags"]:
-                    continue  # an administrator would reach every vhost of the shared broker
-                made.users[user["name"]] = f"{user['name']}-{seed}"
-                await _put(
-                    http,
-                    f"{api}/users/{made.users[user['name']]}",
-                    {
-                        "password_hash": user["password_hash"],
-                        "hashing_algorithm": user["hashing_algorithm"],
-                        "tags": ",".join(user["tags"]),
-                    },
-                )
-            target = f"{quote(vhost, safe='')}"
-            for grant in definitions()["permissions"]:
-                if grant["user"] in made.users:
-                    assert grant["vhost"] == "/"
-                    await _put(
-                        http,
-                        f"{api}/permissions/{target}/{made.users[grant['user']]}",
-                        {kind: grant[kind] for kind in ("configure", "write", "read")},
-                    )
-            for grant in definitions().get("topic_permissions", []):
-                if grant["user"] in made.users:
-                    await _put(
-                        http,
-                        f"{api}/topic-permissions/{target}/{made.users[grant['user']]}",
-                        {kind: grant[kind] for kind in ("exchange", "write", "read")},
-                    )
-            yield made
-        finally:
-            async with http.delete(f"{api}/vhosts/{quote(vhost, safe='')}"):
-                pass
-            for name in made.users.values():
-                async with http.delete(f"{api}/users/{name}"):
-                    pass
-
-
-async def _put(http: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> None:
-    async with http.put(url, json=body) as response:
-        assert response.status in (201, 204), f"PUT {url}: {response.status} {await response.text()}"
-
-
-def _topology_settings(imported: Imported) -> Settings:
-    return load_settings(amqp_url=imported.url("autopause"), topology_prefix="")
-
-
-async def _refused(
-    connection: aio_pika.abc.AbstractConnection,
-    action: Callable[[AbstractChannel], Awaitable[Any]],
-    resource: str,
-) -> None:
-    """``action`` closes its channel with ACCESS_REFUSED, and the refusal names ``resource``."""
-    channel = await connection.channel(publisher_confirms=True)
-    with pytest.raises(aiormq.exceptions.ChannelAccessRefused) as refusal:
-        await action(channel)
-    assert resource in str(refusal.value)
-
-
-async def _ignore(_: AbstractIncomingMessage) -> None:
-    return None
-
-
-async def test_the_producer_publishes_events_and_nothing_else(imported: Imported) -> None:
-    service = await aio_pika.connect(imported.url("autopause"))
-    producer = await aio_pika.connect(imported.url("producer"))
-    async with service, producer:
-        await declare_topology(await service.channel(), _topology_settings(imported))
-        names = Names("")
-
-        channel = await producer.channel(publisher_confirms=True)
-        events = await channel.get_exchange(names.events_exchange, ensure=False)
-        body = orjson.dumps(event("activity", "sbx-compose-0001"))
-        confirmed = await events.publish(message(body), routing_key="sandbox.activity")
-        assert isinstance(confirmed, Basic.Ack)
-        queue = await (await service.channel()).get_queue(names.events_queue)
-        delivered = await wait_for(
-            lambda: queue.get(no_ack=True, fail=False), timeout=10, what="the event in its queue"
-        )
-        assert delivered.body == body
-
-        def publish_to(exchange: str, key: str) -> Callable[[AbstractChannel], Awaitable[Any]]:
-            async def act(ch: AbstractChannel) -> Any:
-                target = await ch.get_exchange(exchange, ensure=False) if exchange else ch.default_exchange
-                return await target.publish(message(body), routing_key=key)
-
-            return act
-
-        async def consume(ch: AbstractChannel) -> Any:
-            events_queue = await ch.get_queue(names.events_queue, ensure=False)
-            return await events_queue.consume(_ignore)
-
-        async def fetch(ch: AbstractChannel) -> Any:
-            events_queue = await ch.get_queue(names.events_queue, ensure=False)
-            return await events_queue.get(fail=False)
-
-        refusals: list[tuple[Callable[[AbstractChannel], Awaitable[Any]], str]] = [
-            (publish_to(names.commands_exchange, PAUSE_ROUTING_KEY), "exchange 'autopause.commands'"),
-            (publish_to(names.lifecycle_exchange, "sandbox.paused"), "exchange 'sandbox.lifecycle'"),
-            (publish_to(names.dead_letter_exchange, "events"), "exchange 'autopause.dlx'"),
-            # an event type the producer does not own, on the right exchange
-            (publish_to(names.events_exchange, PAUSE_ROUTING_KEY), "topic 'sandbox.pause'"),
-            # straight into the queue through the default exchange
-            (publish_to("", names.events_queue), "exchange 'amq.default'"),
-            (
-                lambda ch: ch.declare_exchange(names.events_exchange, aio_pika.ExchangeType.TOPIC),
-                "exchange 'sandbox.events'",
-            ),
-            (lambda ch: ch.declare_queue("producer.inbox", durable=True), "queue 'producer.inbox'"),
-            (lambda ch: ch.declare_queue(exclusive=True), "queue 'amq.gen-"),
-            (consume, "queue 'autopause.events'"),
-            (fetch, "queue 'autopause.events'"),
-        ]
-        for action, resource in refusals:
-            await _refused(producer, action, resource)
-
-
-async def test_the_service_user_stays_inside_its_names(imported: Imported) -> None:
-    service = await aio_pika.connect(imported.url("autopause"))
-    async with service:
-        await _refused(service, lambda ch: ch.declare_queue("other.queue"), "queue 'other.queue'")
-        await _refused(service, lambda ch: ch.declare_queue(exclusive=True), "queue 'amq.gen-")
-        await _refused(
-            service,
-            lambda ch: ch.declare_exchange("other.exchange", aio_pika.ExchangeType.TOPIC),
-            "exchange 'other.exchange'",
-        )
-        await _refused(
-            service,
-            lambda ch: ch.default_exchange.publish(message(b"{}"), routing_key="autopause.pause"),
-            "exchange 'amq.default'",
-        )
-
-
-async def test_the_service_user_runs_every_role(imported: Imported, settings: Settings) -> None:
-    """declare_topology, then ingest, a tick and a worker, all as the service user."""
-    async with Emulator(api_key="e2b_emulator") as emulator:
-        service_settings = settings.model_copy(
-            update={
-                "amqp_url": SecretStr(imported.url("autopause")),
-                "topology_prefix": "",
-                "e2b_api_url": emulator.url,
-                "e2b_api_key": SecretStr("e2b_emulator"),
-                "retry_base_delay": 0.01,
-                "retry_max_delay": 0.05,
-                "e2b_request_timeout": 5.0,
-                "claim_max_share": 1.0,
-            }
-        )
-        service = await aio_pika.connect(imported.url("autopause"))
-        producer = await aio_pika.connect(imported.url("producer"))
-        async with service, producer:
-            channel = await service.channel()
-            await declare_topology(channel, service_settings)
-            await declare_topology(channel, service_settings)  # every replica, every start
-
-            sandbox = f"sbx-{uuid.uuid4().hex[:12]}"
-            emulator.add_sandbox(sandbox)
-            sending = await producer.channel(publisher_confirms=True)
-            events = await sending.get_exchange(Names("").events_exchange, ensure=False)
-            created = event("created", sandbox, at=ago(3600))
-            await events.publish(message(orjson.dumps(created)), routing_key="sandbox.created")
-            await events.publish(message(b"not json"), routing_key="sandbox.activity")
-
-            assert await runner.run(service_settings, {"ingest"}, burst=True) == 0
-            assert await runner.run(service_settings, {"scheduler"}, once=True) == 0
-            assert await runner.run(service_settings, {"worker"}, burst=True) == 0
-
-            assert emulator.state_of(sandbox) == "paused"
-            dlq = await channel.get_queue(Names("").events_dlq)
-            rejected = await wait_for(
-                lambda: dlq.get(no_ack=True, fail=False), timeout=10, what="the dead-lettered event"
-            )
-            assert rejected.body == b"not json"
