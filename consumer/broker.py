@@ -79,6 +79,10 @@ def translated(what: str) -> Iterator[None]:
         raise NotFound(f"RabbitMQ: {what}: {exc}") from None
     except _UNAVAILABLE as exc:
         raise BrokerUnavailable(f"RabbitMQ unavailable ({what}): {type(exc).__name__}: {exc}") from exc
+    except RuntimeError as exc:
+        # aio-pika reports a connection or channel that is closed or reconnecting with a bare
+        # RuntimeError; inside these blocks nothing else raises one
+        raise BrokerUnavailable(f"RabbitMQ unavailable ({what}): {exc}") from exc
 
 
 @dataclass(frozen=True)

@@ -291,12 +291,12 @@ def sessions_show(
 
 @sessions_app.command("pause")
 def sessions_pause(ctx: typer.Context, sandbox: Annotated[str, typer.Argument(help="sandbox id")]) -> None:
-    """Pause a RUNNING sandbox now, through the same command path as the scheduler."""
+    """Make a RUNNING sandbox due now: the next tick claims and pauses it, through the freshness gate."""
     settings = settings_or_exit(ctx)
     from consumer import operations
 
-    generation = run_async(operations.pause_now(settings, sandbox))
-    typer.echo(f"pause command sent for {sandbox} (generation {generation}); a worker carries it out")
+    run_async(operations.pause_now(settings, sandbox))
+    typer.echo(f"{sandbox} is due: the next tick claims it, once ingest vouches that it is idle")
 
 
 @sessions_app.command("keep-alive")

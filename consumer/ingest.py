@@ -284,6 +284,15 @@ class Ingest:
             return
         metrics.BATCH_SIZE.observe(len(batch))
         metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
+        log.debug(
+            "batch settled",
+            extra={
+                "action": "ingest.flush",
+                "events": len(batch.events),
+                "rejected": len(batch.rejected),
+                "probes": len(batch.probes),
+            },
+        )
 
     async def _retry(self, what: str, attempt: Any, stop: asyncio.Event) -> Any:
         def alive() -> None:
@@ -401,6 +410,8 @@ class Ingest:
                 await prober.publish([Outgoing(PROBE_ROUTING_KEY, body)])
             except (StoreUnavailable, BrokerUnavailable) as exc:
                 log.debug("heartbeat skipped", extra={"action": "ingest.beat_failed", "error": str(exc)})
+            except Exception as exc:  # a lost heartbeat only makes the scheduler wait: never stop beating
+                log.error("heartbeat failed", exc_info=exc, extra={"action": "ingest.beat_failed"})
             if await sleep_or_stop(stop, self.settings.ingest_beat_interval):
                 return
 

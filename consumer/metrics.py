@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+
+
+def value(name: str, **labels: str) -> float:
+    """The current value of a sample of this process's metrics (0 when never set)."""
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
 
 EVENTS_INGESTED = Counter("autopause_events_ingested_total", "Events applied to the session table", ["type"])
 EVENTS_REJECTED = Counter("autopause_events_rejected_total", "Events dead-lettered as invalid", ["reason"])

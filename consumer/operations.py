@@ -16,9 +16,8 @@ import aio_pika
 from aio_pika.abc import AbstractChannel
 
 from consumer import broker
-from consumer.broker import Broker, Outgoing, translated
-from consumer.errors import BrokerUnavailable, ConfigError, NotFound
-from consumer.scheduler import pause_command
+from consumer.broker import Broker, translated
+from consumer.errors import ConfigError, NotFound
 from consumer.settings import Settings
 from consumer.store import Store
 
@@ -41,7 +40,8 @@ async def open_broker(settings: Settings) -> AsyncIterator[tuple[Broker, Abstrac
     """The broker, with its topology declared, and a channel with confirms for reading dead letters."""
     opened = await Broker.connect(settings, "cli")
     try:
-        await opened.declare_topology()
+        if settings.declare_topology:
+            await opened.declare_topology()
         with translated("opening a channel"):
             channel = await opened.connection.channel(publisher_confirms=True)
         yield opened, channel
@@ -135,27 +135,14 @@ async def show_session(settings: Settings, sandbox_id: str) -> tuple[dict[str, A
     return dict(row), [dict(h) for h in history]
 
 
-async def pause_now(settings: Settings, sandbox_id: str) -> int:
-    """Claim one RUNNING session and publish its command: the same path as a tick. Returns the generation."""
+async def pause_now(settings: Settings, sandbox_id: str) -> None:
+    """Make a RUNNING sandbox due now: the next tick claims it, through the freshness gate."""
     async with open_store(settings) as store:
-        claim = await store.claim_one(sandbox_id, "manual", "cli")
-        if claim is None:
-            row = await store.get_session(sandbox_id)
-            if row is None:
-                raise NotFound(f"no session for sandbox {sandbox_id!r}")
-            raise ConfigError(f"sandbox {sandbox_id} is {row['state']}: only a RUNNING sandbox can be paused")
-        async with open_broker(settings) as (opened, _):
-            commands = await opened.publisher(opened.names.commands_exchange, confirm=True)
-            try:
-                confirmed = await commands.publish([Outgoing(*pause_command(claim, "manual"))])
-            except BrokerUnavailable:
-                confirmed = [False]
-            finally:
-                await commands.close()
-        if not all(confirmed):
-            await store.release_claims([claim], "publish_failed")
-            raise BrokerUnavailable("RabbitMQ did not take the pause command; the claim was released")
-    return claim.generation
+        state = await store.make_due(sandbox_id)
+    if state is None:
+        raise NotFound(f"no session for sandbox {sandbox_id!r}")
+    if state != "RUNNING":
+        raise ConfigError(f"sandbox {sandbox_id} is {state}: only a RUNNING sandbox can be paused")
 
 
 async def keep_alive(settings: Settings, sandbox_id: str, duration: timedelta) -> tuple[str, datetime]:

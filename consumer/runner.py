@@ -95,7 +95,8 @@ async def run(
     try:
         await _retry("PostgreSQL", store.migrate, stop)
         broker = await _retry("RabbitMQ", lambda: Broker.connect(settings, "+".join(sorted(roles))), stop)
-        await _retry("RabbitMQ", broker.declare_topology, stop)
+        if settings.declare_topology:
+            await _retry("RabbitMQ", broker.declare_topology, stop)
         e2b_url = settings.e2b_api_url
         if settings.emulator and "worker" in roles:
             from e2b_emulator import Emulator

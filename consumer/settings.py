@@ -74,6 +74,11 @@ class Settings(BaseSettings):
         "", description="prefix for every exchange and queue name (isolates deployments)"
     )
     db_pool_size: int = Field(10, ge=2, le=200, description="Postgres connections per process")
+    declare_topology: bool = Field(
+        True,
+        description="declare exchanges, queues and bindings at start"
+        " (false where the broker's definitions hold them and roles may not configure)",
+    )
 
     # ingest
     batch_size: int = Field(500, ge=1, le=10_000, description="events per ingest transaction")
@@ -218,7 +223,7 @@ class Settings(BaseSettings):
     @property
     def attempt_hold(self) -> float:
         """Seconds one pause attempt holds its row: its two E2B calls at their bound, and a margin."""
-        return 2 * (self.e2b_request_timeout + 1) + 5
+        return 2 * (self.e2b_request_timeout + 1) + 2
 
     @property
     def command_budget(self) -> float:

@@ -388,10 +388,10 @@ class Store:
     async def retire_ingest(self, silent_for_s: float) -> None:
         await self._exec("retire_ingest", silent_for_s)
 
-    async def claim_one(self, sandbox_id: str, reason: str, actor: str) -> Claim | None:
-        async with self._conn() as conn:
-            row = await conn.fetchrow(queries()["claim_one"], sandbox_id, reason, actor)
-        return Claim(row["sandbox_id"], row["generation"]) if row else None
+    async def make_due(self, sandbox_id: str) -> str | None:
+        """Make a RUNNING row due for a pause now; the row's state (None: no such row)."""
+        state: str | None = await self._val("make_due", sandbox_id)
+        return state
 
     async def renew_expired_leases(self, lease_s: float, limit: int) -> list[Claim]:
         rows = await self._rows("renew_expired_leases", lease_s, limit)
@@ -412,6 +412,11 @@ class Store:
         return Attempt(
             bool(row["taken"]), bool(row["backed"]), row["claimed_activity"], float(row["held_for"] or 0)
         )
+
+    async def renew_attempt(self, claim: Claim, attempt_id: UUID, hold_s: float) -> bool:
+        """Extend this attempt's hold; False if it ran out (another attempt may hold the row)."""
+        renewed = await self._val("renew_attempt", claim.sandbox_id, claim.generation, attempt_id, hold_s)
+        return renewed is not None
 
     async def record_attempt(self, claim: Claim, attempt_id: UUID, attempts: int, error: str) -> None:
         await self._exec("record_attempt", claim.sandbox_id, claim.generation, attempt_id, attempts, error)

@@ -252,7 +252,10 @@ class Worker:
             end = PauseEnd(State.RUNNING, "dry_run", attempt, due_at=PARKED, dry_run_at=datetime.now(UTC))
             await self._finish(claim, attempt_id, end, Decision(State.RUNNING, "dry_run", "sandbox.paused"))
             return Step(finished=True)
-        result, view, read_at = await self._call_e2b(claim.sandbox_id)
+        calls = await self._call_e2b(claim, attempt_id)
+        if calls is None:  # the hold ran out while the rate limiter made us wait: look again
+            return Step(wait=0.0)
+        result, view, read_at = calls
         called = view is not None and view.state != "paused"
         decision = decide(result, attempt, settings.pause_max_attempts)
         if decision.to_state is None:
@@ -274,20 +277,43 @@ class Worker:
             extra={"action": "worker.drop", "sandbox_id": claim.sandbox_id, "reason": reason},
         )
 
-    async def _call_e2b(self, sandbox_id: str) -> tuple[CallResult, SandboxView | None, datetime]:
-        """Ask E2B for the sandbox, then pause it if it runs: (result, what E2B said, when)."""
+    async def _call_e2b(
+        self, claim: Claim, attempt_id: uuid.UUID
+    ) -> tuple[CallResult, SandboxView | None, datetime] | None:
+        """Ask E2B for the sandbox, then pause it if it runs: (result, what E2B said, when).
+
+        None when the attempt's hold ran out while it waited for the rate limiter.
+        """
+        sandbox_id = claim.sandbox_id
+        if not await self._token_within_hold(claim, attempt_id):
+            return None
         info = await self._e2b("info", lambda: self.client.info(sandbox_id))
         read_at = datetime.now(UTC)
         if info.outcome is not CallOutcome.OK or info.sandbox is None:
             return info, None, read_at
         if info.sandbox.state == "paused":
             return CallResult(CallOutcome.ALREADY_PAUSED, None, info.latency), info.sandbox, read_at
+        if not await self._token_within_hold(claim, attempt_id):
+            return None
         result = await self._e2b("pause", lambda: self.client.pause(sandbox_id))
         return result, info.sandbox, read_at
 
+    async def _token_within_hold(self, claim: Claim, attempt_id: uuid.UUID) -> bool:
+        """Wait for a rate-limiter token; after a long wait, renew the attempt's hold first.
+
+        The hold covers the calls at their bound, not the wait: a call may start
+        only while its attempt still holds the row.
+        """
+        waited = await self.bucket.take()
+        metrics.RATE_LIMIT_WAIT.observe(waited)
+        if waited < 1.0:
+            return True
+        return await self._retry(
+            "hold renewal", lambda: self.store.renew_attempt(claim, attempt_id, self.settings.attempt_hold)
+        )
+
     async def _e2b(self, operation: str, call: Callable[[], Awaitable[CallResult]]) -> CallResult:
-        """One E2B request under the rate limit, measured."""
-        metrics.RATE_LIMIT_WAIT.observe(await self.bucket.take())
+        """One E2B request (its rate-limiter token already taken), measured."""
         result = await call()
         metrics.E2B_LATENCY.labels(operation).observe(result.latency)
         if operation == "pause":
@@ -385,6 +411,9 @@ class Worker:
             except StoreUnavailable as exc:
                 log.error("repairs not read", extra={"action": "worker.repair", "error": str(exc)})
                 repairs = []
+            except Exception as exc:  # the next round tries again; a repair loop never stops
+                log.error("repairs not read", exc_info=exc, extra={"action": "worker.repair"})
+                repairs = []
             if repairs:
                 await asyncio.gather(*(self._repair(r, holder) for r in repairs), return_exceptions=True)
             if await sleep_or_stop(stop, self.settings.repair_interval):
@@ -394,6 +423,7 @@ class Worker:
         """Ask E2B; resume the sandbox if a pause left it paused while in use."""
         sid = repair.sandbox_id
         try:
+            metrics.RATE_LIMIT_WAIT.observe(await self.bucket.take())
             info = await self._e2b("info", lambda: self.client.info(sid))
             if info.outcome is CallOutcome.GONE:
                 await self.store.finish_repair(sid, holder, "gone", None)
@@ -405,6 +435,7 @@ class Worker:
                 await self.store.finish_repair(sid, holder, "running", None)
                 return
             lifetime = repair.lifetime_left_s or float(self.settings.resume_timeout)
+            metrics.RATE_LIMIT_WAIT.observe(await self.bucket.take())
             resumed = await self._e2b("connect", lambda: self.client.resume(sid, lifetime))
             if resumed.outcome is CallOutcome.OK:
                 await self._record_repair(repair, holder, lifetime)
@@ -415,6 +446,8 @@ class Worker:
         except StoreUnavailable as exc:
             # the row stays flagged; its hold runs out and the next round takes it again
             log.error("repair not recorded", extra={"action": "worker.repair", "error": str(exc)})
+        except Exception as exc:  # the same: the flag stays, the next round takes it again
+            log.error("repair failed", exc_info=exc, extra={"action": "worker.repair", "sandbox_id": sid})
 
     async def _record_repair(self, repair: Repair, holder: uuid.UUID, lifetime: float) -> None:
         detail = {

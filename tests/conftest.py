@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -129,6 +129,15 @@ def event(kind: str, sandbox_id: str, *, at: datetime | None = None, **fields: A
     return body
 
 
+async def publish_confirmed(
+    exchange: aio_pika.abc.AbstractExchange, items: Iterable[tuple[str, aio_pika.Message]]
+) -> None:
+    """Publish with confirms, as an at-least-once producer does: raise unless every message was taken."""
+    confirmed = await publish_all(exchange, items)
+    if not all(confirmed):
+        raise aio_pika.exceptions.DeliveryError(None, None)  # type: ignore[arg-type]
+
+
 async def publish(
     channel: aio_pika.abc.AbstractChannel,
     settings: Settings,
@@ -143,7 +152,7 @@ async def publish(
             items.append((routing_key or "sandbox.activity", message(body)))
         else:
             items.append((routing_key or body.get("type", "sandbox.activity"), message(orjson.dumps(body))))
-    await publish_all(exchange, items)
+    await publish_confirmed(exchange, items)
 
 
 async def queue_ready(channel: aio_pika.abc.AbstractChannel, name: str) -> int:

@@ -17,7 +17,7 @@ from typing import Any
 import aio_pika
 import orjson
 import pytest
-from conftest import ago, event, now, publish, queue_ready
+from conftest import ago, event, now, publish, publish_confirmed, queue_ready
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
@@ -25,7 +25,7 @@ from test_ingest import expected_rows
 from test_pause import ids, seed, tick, work
 
 from consumer import runner
-from consumer.broker import PAUSE_ROUTING_KEY, REASON_HEADER, Names, message, publish_all
+from consumer.broker import PAUSE_ROUTING_KEY, REASON_HEADER, Names, message
 from consumer.ingest import Rejected, parse
 from consumer.settings import Settings
 from consumer.state import Event
@@ -544,7 +544,7 @@ async def test_hostile_events_are_dead_lettered_with_their_reason_and_valid_ones
 
     await clear_sessions(store)
     exchange = await channel.get_exchange(names.events_exchange)
-    await publish_all(exchange, ((key, message(data, headers=head)) for key, data, head in messages))
+    await publish_confirmed(exchange, ((key, message(data, headers=head)) for key, data, head in messages))
     assert await runner.run(settings, {"ingest"}, burst=True) == 0
 
     assert await queue_ready(channel, names.events_queue) == 0
@@ -579,7 +579,7 @@ async def test_a_header_that_is_not_utf8_neither_crashes_ingest_nor_holds_up_its
     exchange = await channel.get_exchange(names.events_exchange)
     items = [(b["type"], message(encoded(b))) for b in neighbours]
     items.insert(10, ("sandbox.activity", message(b"{not json", headers={"trace": NotUtf8(b"\xff\xfe")})))
-    await publish_all(exchange, items)
+    await publish_confirmed(exchange, items)
 
     assert await runner.run(settings, {"ingest"}, burst=True) == 0
     assert await queue_ready(channel, names.events_queue) == 0
@@ -599,7 +599,7 @@ async def test_a_nul_in_metadata_neither_crashes_ingest_nor_holds_up_its_batch(
     nul = event("created", "sbx-nul0", at=ago(60), metadata={"note": "before\x00after"})
     exchange = await channel.get_exchange(names.events_exchange)
     bodies = [*neighbours[:25], nul, *neighbours[25:]]
-    await publish_all(exchange, ((b["type"], message(encoded(b))) for b in bodies))
+    await publish_confirmed(exchange, ((b["type"], message(encoded(b))) for b in bodies))
 
     assert await runner.run(settings, {"ingest"}, burst=True) == 0
     assert await queue_ready(channel, names.events_queue) == 0
@@ -733,7 +733,7 @@ async def test_forged_pause_commands_never_reach_e2b(
     order.shuffle(bodies)
     emulator.reset_calls()
     exchange = await channel.get_exchange(names.commands_exchange)
-    await publish_all(exchange, ((PAUSE_ROUTING_KEY, message(b)) for b in bodies))
+    await publish_confirmed(exchange, ((PAUSE_ROUTING_KEY, message(b)) for b in bodies))
 
     assert await runner.run(pause_settings, {"worker"}, burst=True) == 0
     assert emulator.calls() == []

@@ -9,7 +9,17 @@ from typing import Any
 
 import orjson
 import pytest
-from conftest import ago, autopause, event, ingest_caught_up, isolated_env, publish, service, wait_for
+from conftest import (
+    ago,
+    autopause,
+    event,
+    ingest_caught_up,
+    isolated_env,
+    publish,
+    service,
+    tick_with_ingest,
+    wait_for,
+)
 
 from consumer import runner
 from consumer.broker import Names
@@ -90,12 +100,13 @@ async def test_errors_are_one_line_and_a_nonzero_exit(seeded: Settings) -> None:
     assert "Traceback" not in no_broker.stderr
 
 
-async def test_manual_pause_goes_through_the_command_path(
+async def test_manual_pause_goes_through_the_tick_and_the_command_path(
     seeded: Settings, store: Store, emulator: Emulator
 ) -> None:
     emulator.add_sandbox("sbx-busy")
     paused = await cli(seeded, "sessions", "pause", "sbx-busy")
     assert paused.returncode == 0, paused.stderr
+    await tick_with_ingest(seeded)
     row = await store.get_session("sbx-busy")
     assert row is not None and row["state"] == "PAUSING"
     worker = await cli(

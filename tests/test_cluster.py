@@ -28,13 +28,13 @@ from typing import Any
 import aio_pika
 import orjson
 import pytest
-from conftest import E2B_KEY, autopause, isolated_env, wait_for
+from conftest import E2B_KEY, autopause, isolated_env, publish_confirmed, wait_for
 from rabbitmq_nodes import PrivateNode, private_nodes
 
-from consumer.broker import Names, declare_topology, message, publish_all
-from consumer.emulator import Emulator
+from consumer.broker import Names, declare_topology, message
 from consumer.settings import Settings
 from consumer.store import Store
+from e2b_emulator import Emulator
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(900)]
 
@@ -160,7 +160,7 @@ class Publisher:
                     try:
                         channel = await connection.channel(publisher_confirms=True)
                         exchange = await channel.get_exchange(self.exchange_name, ensure=False)
-                        await publish_all(
+                        await publish_confirmed(
                             exchange, ((body["type"], message(orjson.dumps(body))) for body in chunk)
                         )
                         await channel.close()

@@ -1,4 +1,4 @@
-"""Pure decisions: cron math, the storm breaker, retries, the token bucket. No waiting."""
+"""Pure decisions: cron math, the storm breaker, retries, the token bucket, acks, the gate. No waiting."""
 
 from __future__ import annotations
 
@@ -7,11 +7,13 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from consumer.broker import QueueState, ack_plan
 from consumer.e2b_adapter import CallOutcome, CallResult
 from consumer.errors import ConfigError
 from consumer.ratelimit import TokenBucket
-from consumer.scheduler import claim_budget, scheduled_time
+from consumer.scheduler import claim_budget, freshness_gate, scheduled_time
 from consumer.state import State
+from consumer.store import IngestView, ReplicaBeat
 from consumer.timing import backoff_delay, next_ticks, parse_duration, validate_cron
 from consumer.worker import decide
 
@@ -122,3 +124,82 @@ async def test_a_tick_never_starts_while_the_previous_one_runs() -> None:
         scheduler._fire()
     assert scheduler.current is None
     assert overlaps._value.get() == before + 1
+
+
+# acks: a multiple-ack never reaches past a delivery still in hand
+
+ACK_CASES = [
+    # (outstanding, settling) -> (multiple-ack up to, single acks)
+    ({1, 2, 3}, {1, 2, 3}, (3, [])),
+    ({1, 2, 3}, {2, 3}, (None, [2, 3])),  # 1 is held: nothing may cover it
+    ({1, 2, 3, 4, 5}, {1, 2, 4, 5}, (2, [4, 5])),
+    ({1, 2, 3}, {1}, (None, [1])),
+    ({7}, {7}, (None, [7])),
+    ({1, 2, 3}, set(), (None, [])),
+]
+
+
+@pytest.mark.parametrize(("outstanding", "settling", "plan"), ACK_CASES)
+def test_an_ack_plan_never_covers_a_delivery_in_hand(
+    outstanding: set[int], settling: set[int], plan: tuple[int | None, list[int]]
+) -> None:
+    assert ack_plan(outstanding, settling) == plan
+    multiple, singles = plan
+    acked = {t for t in outstanding if multiple is not None and t <= multiple} | set(singles)
+    assert acked == settling
+
+
+# the freshness gate: claims only what ingest can vouch for
+
+NOW = T
+FRESH = NOW - timedelta(seconds=1)
+MARK = NOW - timedelta(seconds=3)
+
+
+def beat(
+    name: str = "a",
+    *,
+    at: datetime = FRESH,
+    mark: datetime | None = MARK,
+    held: int = 0,
+    redelivered: int = 0,
+) -> ReplicaBeat:
+    return ReplicaBeat(name, at, held, redelivered, mark)
+
+
+GATE_CASES = [
+    # (replicas, ready, consumers) -> (claim until, skipped)
+    ([beat()], 0, 1, (MARK, None)),
+    ([], 0, 0, (None, "ingest_stale")),  # no ingest at all
+    ([beat()], 0, 0, (None, "ingest_stale")),  # a row, but nobody consumes
+    ([beat(at=NOW - timedelta(seconds=30))], 0, 1, (None, "ingest_stale")),  # silent
+    ([beat()], 0, 2, (None, "ingest_stale")),  # a consumer that does not beat
+    ([beat(mark=None)], 0, 1, (None, "ingest_stale")),  # nothing committed yet
+    ([beat(mark=NOW - timedelta(minutes=5))], 0, 1, (None, "ingest_stale")),  # stuck
+    ([beat(redelivered=1)], 0, 1, (None, "ingest_stale")),  # redelivered events in hand
+    ([beat(held=60)], 50, 1, (None, "backlog")),
+    # a silent replica not yet retired holds the watermark back to its own
+    (
+        [beat(), beat("b", at=NOW - timedelta(seconds=30), mark=NOW - timedelta(seconds=20))],
+        0,
+        1,
+        (NOW - timedelta(seconds=20), None),
+    ),
+    ([beat(), beat("b", mark=NOW - timedelta(seconds=2))], 0, 2, (MARK, None)),  # the oldest mark
+]
+
+
+@pytest.mark.parametrize(("replicas", "ready", "consumers", "expected"), GATE_CASES)
+def test_the_freshness_gate(
+    replicas: list[ReplicaBeat], ready: int, consumers: int, expected: tuple[datetime | None, str | None]
+) -> None:
+    gate = freshness_gate(
+        IngestView(NOW, tuple(replicas)),
+        QueueState(ready, consumers),
+        stale_after=5,
+        max_lag=60,
+        backlog_limit=100,
+    )
+    assert (gate.claim_until, gate.skipped) == expected
+    assert gate.detail["consumers"] == consumers and gate.detail["ready"] == ready
+    assert (gate.skipped is None) == ("why" not in gate.detail)

@@ -26,7 +26,18 @@ import aio_pika
 import asyncpg
 import orjson
 import pytest
-from conftest import AMQP_URL, DATABASE_URL, ROOT, ago, autopause, event, isolated_env, wait_for
+from conftest import (
+    AMQP_URL,
+    DATABASE_URL,
+    ROOT,
+    ago,
+    arrived_long_ago,
+    autopause,
+    event,
+    isolated_env,
+    publish_confirmed,
+    wait_for,
+)
 from services import (
     LaggingLink,
     ensure_postgres,
@@ -39,7 +50,7 @@ from test_ingest import expected_rows
 from test_pause import KEY, ids, states, tick
 
 from consumer import runner
-from consumer.broker import Broker, Names, declare_topology, message, publish_all
+from consumer.broker import Broker, Names, declare_topology, message
 from consumer.health import Health
 from consumer.scheduler import Scheduler
 from consumer.settings import Settings
@@ -162,7 +173,7 @@ async def publish_fresh(settings: Settings, bodies: list[dict[str, Any]]) -> Non
         channel = await connection.channel(publisher_confirms=True)
         await declare_topology(channel, settings)
         exchange = await channel.get_exchange(Names(settings.topology_prefix).events_exchange)
-        await publish_all(exchange, ((b["type"], message(orjson.dumps(b))) for b in bodies))
+        await publish_confirmed(exchange, ((b["type"], message(orjson.dumps(b))) for b in bodies))
 
 
 async def ready(name: str) -> int | None:
@@ -264,7 +275,7 @@ class Publisher:
                 while True:
                     try:
                         items = [(b["type"], message(orjson.dumps(b))) for b in bodies]
-                        await asyncio.wait_for(publish_all(exchange, items), 10)
+                        await asyncio.wait_for(publish_confirmed(exchange, items), 10)
                         break
                     except Exception:
                         self.failed_attempts += 1
@@ -358,7 +369,7 @@ async def test_rabbitmq_restart_during_ingest_loses_nothing_and_ingest_recovers_
     # the same process rode the outage out on its robust connection: no supervisor needed
     assert ingest.exits == [], (ingest.exits, ingest.proc and ingest.proc.output())
     assert ingest.proc is not None and ingest.proc.alive(), ingest.proc.output()
-    assert "ingest.resubscribe" in ingest.proc.output(1_000_000)
+    assert "broker.resubscribe" in ingest.proc.output(1_000_000)
     assert await ingest.proc.stop() == 0, ingest.proc.output()
     assert await ready(names.events_queue) == 0  # every event was acked, none waits for redelivery
     assert await ready(names.events_dlq) == 0
@@ -433,7 +444,7 @@ async def test_postgres_restarts_during_ingest_lose_nothing_and_ingest_waits_the
     # the same process waited both outages out (the supervisor is only a safety net here)
     assert ingest.exits == [], (ingest.exits, ingest.proc and ingest.proc.output())
     assert ingest.proc is not None and ingest.proc.alive(), ingest.proc.output()
-    assert "ingest.store_down" in ingest.proc.output(1_000_000), "the outages went unnoticed"
+    assert "ingest.outage" in ingest.proc.output(1_000_000), "the outages went unnoticed"
     assert await ingest.proc.stop() == 0, ingest.proc.output()
     assert await ready(names.events_queue) == 0
     assert await ready(names.events_dlq) == 0
@@ -510,6 +521,7 @@ async def seed_sessions(
         bodies += [event("created", sid, at=ago(3600)), event("activity", sid)]
     await publish_fresh(settings, bodies)
     assert await runner.run(settings, {"ingest"}, burst=True) == 0
+    await arrived_long_ago(settings)
 
 
 async def fresh_states(settings: Settings) -> dict[str, str]:
@@ -531,14 +543,17 @@ async def test_rabbitmq_restart_during_pausing_scheduler_and_worker_recover(
         AUTOPAUSE_CLAIM_MAX_SHARE="1",
         AUTOPAUSE_CLAIM_HARD_CAP="12",  # about 12 claims a second: pausing lasts ~20 s
         AUTOPAUSE_PAUSE_LEASE="8",  # a command lost with the broker is sent again soon
+        AUTOPAUSE_E2B_REQUEST_TIMEOUT="1",  # ... which a lease of 8 s must leave room for
+        AUTOPAUSE_PAUSE_MAX_ATTEMPTS="1",
         AUTOPAUSE_WORKER_CONCURRENCY="8",
         AUTOPAUSE_RETRY_BASE_DELAY="0.05",
         AUTOPAUSE_RETRY_MAX_DELAY="0.5",
     )
+    ingest = Supervised(launch, "ingest", autopause("run", "ingest"), env).start()
     scheduler = Supervised(launch, "scheduler", autopause("run", "scheduler"), env).start()
     worker = Supervised(launch, "worker", autopause("run", "worker"), env).start()
     stop = asyncio.Event()
-    watchers = [asyncio.create_task(p.watch(stop)) for p in (scheduler, worker)]
+    watchers = [asyncio.create_task(p.watch(stop)) for p in (ingest, scheduler, worker)]
 
     async def paused(n: int) -> bool:
         return Counter((await fresh_states(pause_settings)).values())["PAUSED"] >= n

@@ -23,7 +23,16 @@ import aiormq
 import orjson
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
-from conftest import AMQP_URL, DATABASE_URL, ago, event, wait_for
+from conftest import (
+    AMQP_URL,
+    DATABASE_URL,
+    ago,
+    arrived_long_ago,
+    event,
+    ingest_caught_up,
+    service,
+    wait_for,
+)
 from management import Management, amqp_url, management, throwaway_vhost, vhost_path
 from pamqp.commands import Basic
 
@@ -31,15 +40,15 @@ from consumer import runner
 from consumer.broker import (
     DETAIL_HEADER,
     PAUSE_ROUTING_KEY,
+    PROBE_ROUTING_KEY,
     REASON_HEADER,
     Names,
     declare_topology,
-    queue_depth,
 )
-from consumer.emulator import Emulator
 from consumer.errors import ConfigError
 from consumer.rabbitmq_definitions import check_password, password_matches, render
 from consumer.settings import Settings, load_settings
+from e2b_emulator import Emulator
 from schemas import EVENT_TYPES, OUTCOME_TYPES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,6 +56,17 @@ TEMPLATE = ROOT / "deploy" / "rabbitmq" / "definitions.json"
 ROLES = ("ingest", "scheduler", "worker", "producer", "operator")
 NAMES = Names("")
 BODY = orjson.dumps(event("activity", "sbx-users-0001"))
+
+
+async def queue_depth(connection: AbstractConnection, queue: str) -> tuple[int, int]:
+    """(messages ready, consumers) of ``queue``, by a passive declare, as the scheduler reads them."""
+    channel = await connection.channel()
+    try:
+        declared = await channel.declare_queue(queue, passive=True)
+        result = declared.declaration_result
+        return int(result.message_count or 0), int(result.consumer_count or 0)
+    finally:
+        await channel.close()
 
 
 def template() -> dict[str, Any]:
@@ -277,6 +297,10 @@ async def test_each_role_does_its_job_with_its_own_user(users: Users) -> None:
         assert isinstance(await dlx.publish(letter, routing_key="events"), Basic.Ack)
         for msg in delivered:
             await msg.ack()
+        # ... and sends itself a watermark probe through the events queue
+        await confirmed(ingest_channel, publish(NAMES.events_exchange, PROBE_ROUTING_KEY))
+        await wait_for(lambda: _at_least(delivered, 4), timeout=10, what="ingest to receive its probe")
+        await delivered[3].ack()
 
         # the scheduler reads both depths and publishes a pause command
         scheduler = connections["scheduler"]
@@ -290,6 +314,9 @@ async def test_each_role_does_its_job_with_its_own_user(users: Users) -> None:
         pause = await worker.get_queue(NAMES.pause_queue, ensure=False)
         command = await wait_for(lambda: pause.get(fail=False), timeout=10, what="the pause command")
         await command.ack()
+        invalid = aio_pika.Message(BODY, delivery_mode=2, headers={REASON_HEADER: "invalid_command"})
+        dead_commands = await worker.get_exchange(NAMES.dead_letter_exchange, ensure=False)
+        assert isinstance(await dead_commands.publish(invalid, routing_key="pause"), Basic.Ack)
         for outcome in OUTCOME_TYPES:
             await confirmed(worker, publish(NAMES.lifecycle_exchange, outcome))
         announced = await wait_for(lambda: watch.get(no_ack=True, fail=False), timeout=10, what="an outcome")
@@ -298,14 +325,17 @@ async def test_each_role_does_its_job_with_its_own_user(users: Users) -> None:
         # the operator reads the dead letters and replays the event
         operator = connections["operator"]
         operator_channel = await operator.channel(publisher_confirms=True)
-        assert await (await operator_channel.get_queue(NAMES.pause_dlq, ensure=False)).get(fail=False) is None
+        paused_dlq = await operator_channel.get_queue(NAMES.pause_dlq, ensure=False)
+        dead_command = await wait_for(lambda: paused_dlq.get(fail=False), timeout=10, what="the dead command")
+        assert dead_command.headers[REASON_HEADER] == "invalid_command"
+        await dead_command.ack()
         dlq = await operator_channel.get_queue(NAMES.events_dlq, ensure=False)
         dead = await wait_for(lambda: dlq.get(fail=False), timeout=10, what="the dead letter")
         assert dead.headers[REASON_HEADER] == "invalid_event"
         assert DETAIL_HEADER not in dead.headers
         await confirmed(operator_channel, publish(NAMES.events_exchange, "sandbox.activity"))
         await dead.ack()
-        await wait_for(lambda: _at_least(delivered, 4), timeout=10, what="the replayed event at ingest")
+        await wait_for(lambda: _at_least(delivered, 5), timeout=10, what="the replayed event at ingest")
     finally:
         await observer.close()
         for connection in connections.values():
@@ -328,7 +358,7 @@ BEYOND: dict[str, list[tuple[str, Action, str]]] = {
             publish(NAMES.commands_exchange, PAUSE_ROUTING_KEY),
             "exchange 'autopause.commands'",
         ),
-        ("publish events", publish(NAMES.events_exchange, "sandbox.activity"), "exchange 'sandbox.events'"),
+        ("publish events", publish(NAMES.events_exchange, "sandbox.activity"), "sandbox.activity"),
         ("consume commands", consume(NAMES.pause_queue), "queue 'autopause.pause'"),
         ("read dead letters", fetch(NAMES.events_dlq), "queue 'autopause.events.dlq'"),
         ("declare its queue", declare_queue(NAMES.events_queue), "queue 'autopause.events'"),
@@ -353,7 +383,6 @@ BEYOND: dict[str, list[tuple[str, Action, str]]] = {
             "exchange 'autopause.commands'",
         ),
         ("announce a non-outcome", publish(NAMES.lifecycle_exchange, "sandbox.activity"), "sandbox.activity"),
-        ("dead-letter", publish(NAMES.dead_letter_exchange, "pause"), "exchange 'autopause.dlx'"),
         ("publish events", publish(NAMES.events_exchange, "sandbox.activity"), "exchange 'sandbox.events'"),
     ],
     "producer": [
@@ -454,12 +483,6 @@ async def test_the_limits_apply_to_the_events_queue_and_the_dead_letters(users: 
     assert found[NAMES.pause_queue] is None
 
 
-@pytest.mark.xfail(
-    "declare_topology" not in Settings.model_fields,
-    reason="every role declares the topology at start until the setting AUTOPAUSE_DECLARE_TOPOLOGY lands",
-    raises=aiormq.exceptions.ChannelAccessRefused,
-    strict=True,
-)
 async def test_every_role_runs_with_its_own_user(users: Users, settings: Settings) -> None:
     """Ingest, a tick and a worker, each process signed in as its role's user, topology not declared."""
     async with Emulator(api_key="e2b_emulator") as emulator:
@@ -494,7 +517,10 @@ async def test_every_role_runs_with_its_own_user(users: Users, settings: Setting
             )
 
         assert await runner.run(as_role("ingest"), {"ingest"}, burst=True) == 0
-        assert await runner.run(as_role("scheduler"), {"scheduler"}, once=True) == 0
+        await arrived_long_ago(as_role("ingest"))
+        async with service(as_role("ingest"), {"ingest"}):  # beats and probes as its own user
+            await wait_for(lambda: ingest_caught_up(as_role("ingest")), what="ingest caught up")
+            assert await runner.run(as_role("scheduler"), {"scheduler"}, once=True) == 0
         assert await runner.run(as_role("worker"), {"worker"}, burst=True) == 0
         assert emulator.state_of(sandbox) == "paused"
 

@@ -84,19 +84,20 @@ WITH due AS (
 )
 SELECT sandbox_id, generation FROM claimed;
 
--- name: claim_one
-WITH claimed AS (
+-- name: make_due
+-- An operator asks for a pause: the row is due now, and the next tick claims it
+-- through the same gate as any other (ingest must vouch that it is idle).
+WITH due AS (
     UPDATE sandbox_sessions
-    SET state = 'PAUSING', generation = generation + 1, claimed_activity = last_activity,
-        claimed_at = now(), pause_attempts = 0, attempt_id = NULL, attempt_until = NULL,
-        resume_requested_at = NULL, updated_at = now()
+    SET pause_due_at = now(), keep_alive_until = NULL, retry_after = NULL, dry_run_at = NULL,
+        updated_at = now()
     WHERE sandbox_id = $1 AND state = 'RUNNING'
     RETURNING sandbox_id, generation
 ), logged AS (
     INSERT INTO session_transitions (sandbox_id, from_state, to_state, reason, actor, generation)
-    SELECT sandbox_id, 'RUNNING', 'PAUSING', $2, $3, generation FROM claimed
+    SELECT sandbox_id, 'RUNNING', 'RUNNING', 'pause_requested', 'cli', generation FROM due
 )
-SELECT sandbox_id, generation FROM claimed;
+SELECT state FROM sandbox_sessions WHERE sandbox_id = $1;
 
 -- name: renew_expired_leases
 WITH stale AS (
@@ -180,6 +181,14 @@ SELECT EXISTS (SELECT 1 FROM took) AS taken,
        cur.state = 'PAUSING' AND cur.generation = $2 AS backed,
        greatest(0, extract(epoch FROM cur.attempt_until - now()))::float8 AS held_for
 FROM cur;
+
+-- name: renew_attempt
+-- An attempt that waited long for the rate limiter renews its hold before calling
+-- E2B; a hold that already ran out may be another attempt's now.
+UPDATE sandbox_sessions SET attempt_until = now() + make_interval(secs => $4)
+WHERE sandbox_id = $1 AND generation = $2 AND attempt_id = $3 AND state = 'PAUSING'
+  AND attempt_until > now()
+RETURNING 1;
 
 -- name: record_attempt
 -- A retryable failure: the attempt's hold ends now, so a copy of the command may try.
