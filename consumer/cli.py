@@ -180,6 +180,28 @@ def migrate(ctx: typer.Context) -> None:
 
 
 @app.command()
+def reconcile(
+    ctx: typer.Context,
+    once: Annotated[bool, typer.Option("--once", help="one run now, print what it did, exit")] = False,
+    report_only: Annotated[
+        bool, typer.Option("--dry-run", help="list and compare, print what would change, change nothing")
+    ] = False,
+) -> None:
+    """Compare the table with E2B's own list of sandboxes and repair it (see the README).
+
+    Without --once it runs on AUTOPAUSE_RECONCILE_CRON until stopped, as every worker does.
+    """
+    settings = settings_or_exit(ctx)
+    from consumer.reconcile import reconcile_forever, reconcile_once
+
+    if once or report_only:
+        outcome = run_async(reconcile_once(settings, dry_run=report_only))
+        typer.echo(_json(vars(outcome)))
+        raise typer.Exit(1 if outcome.error else 0)
+    raise typer.Exit(run_async(reconcile_forever(settings)))
+
+
+@app.command()
 def emulator(
     ctx: typer.Context,
     host: Annotated[str, env_option("EMULATOR_HOST", "address to bind")] = "127.0.0.1",

@@ -17,9 +17,9 @@ from typing import Any, TextIO
 import aio_pika
 import asyncpg
 
-from consumer import broker, metrics, runner
+from consumer import broker, metrics, runner, showcase
 from consumer.e2b_adapter import E2BClient
-from consumer.operations import savings
+from consumer.operations import default_size_price, prices
 from consumer.settings import Settings
 from consumer.store import Store
 from consumer.traffic import Plan, SimUser, Traffic
@@ -59,9 +59,12 @@ def judge(users: list[SimUser], pauses: dict[str, list[float]], timeout: float, 
     return Verdict(spans, sorted(set(missed)), sorted(set(wrong)))
 
 
-def passed(final: dict[str, Any], verdict: Verdict, service_code: int) -> bool:
-    """The run shows autopause working: it paused, missed no idle sandbox, and paused none in use."""
-    return verdict.ok and service_code == 0 and final["paused"] > 0 and not final["paused_in_use"]
+def passed(final: dict[str, Any], verdict: Verdict, scenes: showcase.Scenes, service_code: int) -> bool:
+    """The run shows autopause working: it paused, missed no idle sandbox, paused none in use,
+    and E2B's own view played its part in the three scenes."""
+    return (
+        verdict.ok and scenes.ok and service_code == 0 and final["paused"] > 0 and not final["paused_in_use"]
+    )
 
 
 def demo_settings(base: Settings, idle_timeout: float) -> Settings:
@@ -81,6 +84,10 @@ def demo_settings(base: Settings, idle_timeout: float) -> Settings:
             "emulator": False,
             "dry_run": False,
             "auto_pause_enabled": True,
+            # E2B's own view, every two seconds: strays in the demo's scope are adopted
+            "reconcile_cron": "*/2 * * * * *",
+            "reconcile_metadata": ",".join(f"{k}={v}" for k, v in showcase.SCOPE.items()),
+            "busy_cpu_percent": 50.0,
         }
     )
 
@@ -99,20 +106,22 @@ async def reset(settings: Settings) -> None:
         await broker.declare_topology(channel, settings)
 
 
-async def snapshot(store: Store) -> dict[str, Any]:
+async def snapshot(store: Store, settings: Settings) -> dict[str, Any]:
     recent = await store.transitions_since(24 * 3600)
+    paused_seconds, saved = await store.paused_usage(prices(settings))
     return {
         "states": await store.count_by_state(),
         "paused": sum(n for (to, _), n in recent.items() if to == "PAUSED"),
         "resumed": sum(n for (_, reason), n in recent.items() if reason == "resumed"),
         "cancelled": sum(n for (_, reason), n in recent.items() if reason == "activity_during_pause"),
-        "paused_seconds": await store.paused_seconds(),
+        "paused_seconds": paused_seconds,
+        "saved": saved,
         # the service's own count (every role runs in this process)
         "paused_in_use": metrics.value("autopause_paused_in_use_total"),
     }
 
 
-def render(snap: dict[str, Any], *, elapsed: float, duration: float, published: int, price: float) -> str:
+def render(snap: dict[str, Any], *, elapsed: float, duration: float, published: int) -> str:
     states = "  ".join(f"{state} {n}" for state, n in snap["states"].items())
     return "\n".join(
         [
@@ -121,8 +130,7 @@ def render(snap: dict[str, Any], *, elapsed: float, duration: float, published: 
             f"events sent     {published}",
             f"pauses          {snap['paused']}   resumes {snap['resumed']}   "
             f"pauses cancelled by activity {snap['cancelled']}",
-            f"paused time     {snap['paused_seconds']:.0f} sandbox-seconds"
-            f" = ${savings(snap['paused_seconds'], price):.6f} saved",
+            f"paused time     {snap['paused_seconds']:.0f} sandbox-seconds = ${snap['saved']:.6f} saved",
         ]
     )
 
@@ -153,11 +161,15 @@ async def run_demo(base: Settings, *, duration: float, users: int, idle_timeout:
             stop_traffic = asyncio.Event()
             started = time.monotonic()
             users_task = asyncio.create_task(traffic.run(stop_traffic), name="traffic")
+            scenes_task = asyncio.create_task(
+                showcase.stage(emulator, exchange, store, stop_traffic), name="showcase"
+            )
             await _watch(store, traffic, settings, started, duration, out, service)
             stop_traffic.set()
-            await users_task
+            await asyncio.gather(users_task, scenes_task)
             end = time.monotonic()
-            final = await snapshot(store)
+            final = await snapshot(store, settings)
+            scenes = await showcase.observe(store)
         finally:
             stop_service.set()
             code = await service
@@ -169,9 +181,10 @@ async def run_demo(base: Settings, *, duration: float, users: int, idle_timeout:
                 pauses.setdefault(call.sandbox_id, []).append(call.at)
         verdict = judge(traffic.users, pauses, idle_timeout, end)
         out.write(
-            summary(final, verdict, traffic, settings, duration=end - started, service_code=code) + "\n"
+            summary(final, verdict, scenes, traffic, settings, duration=end - started, service_code=code)
+            + "\n"
         )
-        return 0 if passed(final, verdict, code) else 1
+        return 0 if passed(final, verdict, scenes, code) else 1
 
 
 async def _watch(
@@ -187,13 +200,12 @@ async def _watch(
     tty = out.isatty()
     last_line = 0.0
     while (elapsed := time.monotonic() - started) < duration and not service.done():
-        snap = await snapshot(store)
+        snap = await snapshot(store, settings)
         view = render(
             snap,
             elapsed=elapsed,
             duration=duration,
             published=traffic.published,
-            price=settings.price_per_second,
         )
         if tty:
             out.write("\x1b[H\x1b[J" + view + "\n")
@@ -210,6 +222,7 @@ async def _watch(
 def summary(
     final: dict[str, Any],
     verdict: Verdict,
+    scenes: showcase.Scenes,
     traffic: Traffic,
     settings: Settings,
     *,
@@ -219,9 +232,10 @@ def summary(
     users = len(traffic.users)
     breakers = sum(u.wanders_off for u in traffic.users)
     share = final["paused_seconds"] / max(1.0, users * duration)
-    saved = savings(final["paused_seconds"], settings.price_per_second)
+    saved = final["saved"]
+    price = default_size_price(settings)
     # the same paused share over a month, for a fleet of 1,000 sandboxes
-    monthly = savings(share * 1000 * 86400 * 30, settings.price_per_second)
+    monthly = share * 1000 * 86400 * 30 * price
     paused_spans = verdict.idle_spans - len(verdict.missed)
     lines = [
         "",
@@ -232,7 +246,7 @@ def summary(
         f"pauses: {final['paused']}   resumes: {final['resumed']}"
         f"   pauses cancelled by activity: {final['cancelled']}",
         f"paused time: {final['paused_seconds']:.0f} sandbox-seconds ({share:.0%} of all sandbox time)",
-        f"savings: ${saved:.6f} in this run at ${settings.price_per_second:.8f} per sandbox-second;"
+        f"savings: ${saved:.6f} in this run at ${price:.8f} per second of a default-size sandbox;"
         f" at this share a fleet of 1,000 sandboxes saves ${monthly:,.0f} a month",
         f"idle periods past the timeout: {verdict.idle_spans}, paused: {paused_spans}",
         f"sandboxes paused while in use: {final['paused_in_use']:.0f}"
@@ -244,5 +258,6 @@ def summary(
         lines.append("paused within moments of use: " + ", ".join(verdict.wrongly_paused[:10]))
     if service_code:
         lines.append(f"the service stopped with exit code {service_code}")
-    lines.append("result: OK" if passed(final, verdict, service_code) else "result: FAILED")
+    lines.extend(scenes.lines())
+    lines.append("result: OK" if passed(final, verdict, scenes, service_code) else "result: FAILED")
     return "\n".join(lines)

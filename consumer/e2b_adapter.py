@@ -30,8 +30,11 @@ from enum import StrEnum
 from typing import TypeVar
 
 import httpx
-from e2b import AsyncSandbox
-from e2b.connection_config import ApiParams
+from e2b import AsyncSandbox, SandboxQuery, SandboxState
+from e2b.api.client.api.sandboxes import get_sandboxes_metrics
+from e2b.api.client.models import SandboxesWithMetrics
+from e2b.api.client_async import get_api_client
+from e2b.connection_config import ApiParams, ConnectionConfig
 from e2b.exceptions import (
     AuthenticationException,
     NotFoundException,
@@ -66,6 +69,11 @@ class CallOutcome(StrEnum):
 MAX_LIFETIME_S = 86_400
 
 
+# E2B lists at most this many sandboxes a page, and samples this many in one metrics request.
+PAGE_SIZE = 100
+METRICS_BATCH = 100
+
+
 @dataclass(frozen=True)
 class SandboxView:
     """What E2B says of one sandbox."""
@@ -74,6 +82,16 @@ class SandboxView:
     end_at: datetime | None
     cpu_count: int | None = None
     memory_mb: int | None = None
+    sandbox_id: str = ""
+    metadata: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class CpuSample:
+    """The latest metrics sample of a sandbox: CPU in use (percent of its vCPUs) and when."""
+
+    cpu_used_pct: float
+    at: datetime
 
 
 @dataclass(frozen=True)
@@ -161,6 +179,52 @@ class E2BClient:
             outcome = CallOutcome.RETRYABLE if exc.retryable else CallOutcome.FAILED
             return CallResult(outcome, str(exc), time.monotonic() - started)
         return CallResult(CallOutcome.OK, None, time.monotonic() - started)
+
+    async def list_sandboxes(self, before_page: Callable[[], Awaitable[object]]) -> list[SandboxView]:
+        """Every running and paused sandbox of the team, page by page (``before_page`` runs first each time).
+
+        Raises E2BError when a page fails: a partial listing is never returned.
+        """
+        query = SandboxQuery(state=[SandboxState.RUNNING, SandboxState.PAUSED])
+        paginator = AsyncSandbox.list(query=query, limit=PAGE_SIZE, **self._opts)
+        found: list[SandboxView] = []
+        while paginator.has_next:
+            await before_page()
+            for info in await self._call(paginator.next_items):
+                found.append(
+                    SandboxView(
+                        str(info.state.value),
+                        info.end_at,
+                        info.cpu_count,
+                        info.memory_mb,
+                        info.sandbox_id,
+                        tuple(sorted(info.metadata.items())),
+                    )
+                )
+        return found
+
+    async def cpu_samples(self, sandbox_ids: list[str]) -> dict[str, CpuSample]:
+        """The latest sample of up to METRICS_BATCH sandboxes in one request; none for a sandbox
+        E2B has no sample of. Raises E2BError when the request fails."""
+        if len(sandbox_ids) > METRICS_BATCH:
+            raise ValueError(f"at most {METRICS_BATCH} sandboxes a request")
+        config = ConnectionConfig(**self._opts)
+        response = await self._call(
+            lambda: get_sandboxes_metrics.asyncio_detailed(
+                client=get_api_client(config), sandbox_ids=sandbox_ids
+            )
+        )
+        if response.status_code != 200 or not isinstance(response.parsed, SandboxesWithMetrics):
+            retryable = response.status_code in _RETRYABLE_STATUSES or response.status_code >= 500
+            raise E2BError(f"metrics: HTTP {response.status_code}", retryable=retryable)
+        samples: dict[str, CpuSample] = {}
+        for sandbox_id, sample in (response.parsed.sandboxes or {}).items():
+            try:
+                at = datetime.fromisoformat(sample["timestamp"])
+                samples[str(sandbox_id)] = CpuSample(float(sample["cpuUsedPct"]), at)
+            except (KeyError, TypeError, ValueError):
+                continue  # a sample we cannot read is no evidence of work
+        return samples
 
     async def connect(self, sandbox_id: str) -> bool:
         """Resume ``sandbox_id`` if paused: True when it runs afterwards, False when gone."""

@@ -92,3 +92,10 @@ DEAD_LETTERS = Counter(
 ACKS_VOID = Counter(
     "autopause_acks_void_total", "Settled deliveries whose channel had closed; the broker redelivers them"
 )
+RECONCILE_RUNS = Counter(
+    "autopause_reconcile_runs_total", "Reconcile runs with E2B's list, by outcome", ["outcome"]
+)
+RECONCILE_CHANGES = Counter(
+    "autopause_reconcile_changes_total", "Rows reconcile changed, by reason", ["reason"]
+)
+BUSY_CPU = Counter("autopause_busy_cpu_total", "Pauses not made: E2B's latest sample showed the CPU busy")

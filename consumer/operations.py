@@ -19,7 +19,7 @@ from consumer import broker
 from consumer.broker import Broker, translated
 from consumer.errors import ConfigError, NotFound
 from consumer.settings import Settings
-from consumer.store import Store
+from consumer.store import Prices, Store
 
 # The most dead letters ``status`` reads to break them down by reason.
 DEAD_LETTERS_READ = 1000
@@ -49,9 +49,22 @@ async def open_broker(settings: Settings) -> AsyncIterator[tuple[Broker, Abstrac
         await opened.close()
 
 
-def savings(paused_seconds: float, price_per_second: float) -> float:
-    """USD saved: seconds sandboxes spent paused, times what a running second costs."""
-    return paused_seconds * price_per_second
+def prices(settings: Settings) -> Prices:
+    """What a running sandbox costs by its size, from the settings (E2B's published prices)."""
+    return Prices(
+        settings.price_per_vcpu_second,
+        settings.price_per_gib_second,
+        settings.default_cpu_count,
+        settings.default_memory_mb,
+    )
+
+
+def default_size_price(settings: Settings) -> float:
+    """USD a running second of a sandbox of the default size costs."""
+    return (
+        settings.default_cpu_count * settings.price_per_vcpu_second
+        + settings.default_memory_mb / 1024 * settings.price_per_gib_second
+    )
 
 
 async def status(settings: Settings) -> dict[str, Any]:
@@ -61,7 +74,7 @@ async def status(settings: Settings) -> dict[str, Any]:
         by_state = await store.count_by_state()
         tick = await store.last_tick()
         recent = await store.transitions_since(3600)
-        paused_seconds = await store.paused_seconds()
+        paused_seconds, saved = await store.paused_usage(prices(settings))
     queues: dict[str, dict[str, int]] = {}
     dead: dict[str, dict[str, int]] = {}
     async with open_broker(settings) as (opened, _):
@@ -94,7 +107,7 @@ async def status(settings: Settings) -> dict[str, Any]:
         },
         "dead_letters": dead,
         "paused_seconds": round(paused_seconds, 1),
-        "savings_usd": round(savings(paused_seconds, settings.price_per_second), 4),
+        "savings_usd": round(saved, 4),
     }
 
 

@@ -18,9 +18,11 @@ from typing import TYPE_CHECKING, TypeVar
 
 from consumer import health
 from consumer.broker import Broker
+from consumer.e2b_adapter import E2BClient
 from consumer.errors import ConfigError
+from consumer.ratelimit import TokenBucket
 from consumer.retrying import retrying
-from consumer.settings import Settings
+from consumer.settings import PauseMode, Settings
 from consumer.store import Store
 
 if TYPE_CHECKING:
@@ -29,6 +31,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ROLES = ("ingest", "scheduler", "worker")
+# the key the built-in emulator is started with (it checks that a key is sent, not which)
+EMULATOR_KEY = "e2b_emulator"
 STARTUP_PATIENCE = 30.0
 T = TypeVar("T")
 
@@ -50,6 +54,18 @@ async def _retry(what: str, attempt: Callable[[], Awaitable[T]], stop: asyncio.E
     return await retrying(
         what, attempt, stop, role="startup", deadline=deadline, first_delay=0.5, max_delay=5
     )
+
+
+def e2b_access(settings: Settings, api_url: str | None) -> tuple[E2BClient, TokenBucket]:
+    """The E2B client and this process's share of E2B's rate limit."""
+    client = E2BClient(
+        api_key=settings.e2b_key or EMULATOR_KEY,
+        api_url=api_url,
+        request_timeout=settings.e2b_request_timeout,
+        memory=settings.pause_mode is PauseMode.FULL,
+    )
+    rate = settings.worker_rate
+    return client, TokenBucket(rate, capacity=max(1.0, rate / 10))
 
 
 def check_e2b(settings: Settings, roles: set[str]) -> None:
@@ -122,6 +138,7 @@ async def _supervise(
     services: Services, roles: set[str], stop: asyncio.Event, *, burst: bool, once: bool
 ) -> int:
     from consumer.ingest import Ingest
+    from consumer.reconcile import Reconciler
     from consumer.scheduler import Scheduler
     from consumer.worker import Worker
 
@@ -144,14 +161,14 @@ async def _supervise(
         scheduler = Scheduler(services.settings, services.store, services.broker, services.health)
         tasks[asyncio.create_task(scheduler.run(stop, once=once), name="scheduler")] = "scheduler"
     if "worker" in roles:
-        worker = Worker(
-            services.settings,
-            services.store,
-            services.broker,
-            services.health,
-            services.e2b_url,
-        )
+        # one client and one rate limiter for every E2B request of the process: pauses,
+        # repairs, CPU samples and reconcile
+        client, bucket = e2b_access(services.settings, services.e2b_url)
+        worker = Worker(services.settings, services.store, services.broker, services.health, client, bucket)
         tasks[asyncio.create_task(worker.run(stop, burst=burst), name="worker")] = "worker"
+        if not burst:
+            reconciler = Reconciler(services.settings, services.store, client, bucket, services.health)
+            tasks[asyncio.create_task(reconciler.run_forever(stop), name="reconcile")] = "reconcile"
 
     code = 0
     pending = set(tasks)

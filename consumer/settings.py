@@ -29,10 +29,9 @@ ENV_PREFIX = "AUTOPAUSE_"
 # E2B's lifecycle API limit: 20,000 requests per 30 s per team, all replicas together.
 E2B_LIFECYCLE_LIMIT_PER_S = 20_000 / 30
 
-# E2B's published prices (USD per second) for the default sandbox size: 2 vCPU, 512 MiB.
-_VCPU_PRICE_PER_S = 0.000014
-_GIB_PRICE_PER_S = 0.0000045
-DEFAULT_PRICE_PER_SECOND = 2 * _VCPU_PRICE_PER_S + 0.5 * _GIB_PRICE_PER_S
+# E2B's published prices (USD per second) and its default sandbox size: 2 vCPU, 512 MiB.
+VCPU_PRICE_PER_S = 0.000014
+GIB_PRICE_PER_S = 0.0000045
 
 _NAME_PREFIX = re.compile(r"^[a-z0-9_.-]{0,40}$")
 _SQL_IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
@@ -142,6 +141,27 @@ class Settings(BaseSettings):
         description="lifetime in seconds given to a sandbox resumed after a pause hit it in use,"
         " when its end time before the pause is unknown",
     )
+    busy_cpu_percent: float = Field(
+        10,
+        ge=0,
+        le=100,
+        description="CPU use (percent of its vCPUs) in E2B's latest sample at or above which"
+        " a sandbox is busy and not paused (0: no check)",
+    )
+    busy_cpu_sample_age: Positive = Field(
+        30, description="seconds after which a CPU sample is too old to keep a sandbox running"
+    )
+    reconcile_cron: str = Field(
+        "* * * * *", description="cron spec of reconcile with E2B's own list (5 or 6 fields)"
+    )
+    reconcile_metadata: str = Field(
+        "",
+        description="adopt running sandboxes no app announced when their metadata has all these"
+        " key=value pairs, comma-separated (empty: adopt none, only repair known rows)",
+    )
+    reconcile_gone_checks: int = Field(
+        100, ge=0, le=10_000, description="most unlisted sandboxes one reconcile confirms gone"
+    )
     dry_run: bool = Field(False, description="record would-be pauses, call nothing")
     pause_mode: PauseMode = Field(PauseMode.FULL, description="full (memory+disk) or filesystem")
 
@@ -160,8 +180,15 @@ class Settings(BaseSettings):
     metrics_port: int = Field(9464, ge=0, le=65_535, description="port of the same (0: off)")
     log_format: LogFormat = Field(LogFormat.TEXT, description="text or json")
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")
-    price_per_second: float = Field(
-        DEFAULT_PRICE_PER_SECOND, ge=0, description="USD a running sandbox costs per second"
+    price_per_vcpu_second: float = Field(
+        VCPU_PRICE_PER_S, ge=0, description="USD a running sandbox costs per vCPU and second"
+    )
+    price_per_gib_second: float = Field(
+        GIB_PRICE_PER_S, ge=0, description="USD a running sandbox costs per GiB of memory and second"
+    )
+    default_cpu_count: int = Field(2, ge=1, le=64, description="vCPUs of a sandbox whose size is unknown")
+    default_memory_mb: int = Field(
+        512, ge=128, le=262_144, description="MiB of a sandbox whose size is unknown"
     )
     shutdown_grace: Positive = Field(30, description="seconds to finish in-flight work on stop")
 
@@ -187,7 +214,13 @@ class Settings(BaseSettings):
             raise ValueError("must be DEBUG, INFO, WARNING or ERROR")
         return level
 
-    @field_validator("tick_cron")
+    @field_validator("reconcile_metadata")
+    @classmethod
+    def _check_scope(cls, value: str) -> str:
+        parse_scope(value)
+        return value
+
+    @field_validator("tick_cron", "reconcile_cron")
     @classmethod
     def _check_cron(cls, value: str) -> str:
         from consumer.timing import validate_cron
@@ -235,8 +268,24 @@ class Settings(BaseSettings):
         return float(self.pause_max_attempts * self.attempt_hold + backoff)
 
     @property
+    def reconcile_scope(self) -> dict[str, str] | None:
+        """The metadata a stray running sandbox must carry to be adopted; None: adopt none."""
+        return parse_scope(self.reconcile_metadata) or None
+
+    @property
     def e2b_key(self) -> str | None:
         return self.e2b_api_key.get_secret_value() if self.e2b_api_key else None
+
+
+def parse_scope(text: str) -> dict[str, str]:
+    """``app=builder,team=x`` -> {"app": "builder", "team": "x"}; raises ValueError when malformed."""
+    scope: dict[str, str] = {}
+    for pair in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"{pair!r}: use key=value pairs separated by commas")
+        scope[key.strip()] = value.strip()
+    return scope
 
 
 def env_name(field: str) -> str:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from functools import cache
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 from uuid import UUID
 
 import asyncpg
@@ -82,6 +82,7 @@ class Attempt:
     backed: bool  # the row still backs the command (when not taken: another attempt holds it)
     claimed_activity: datetime | None = None
     held_for: float = 0.0  # seconds the other attempt still holds the row
+    idle_timeout_s: int | None = None
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,41 @@ class ReplicaBeat:
     held: int
     held_redelivered: int
     watermark: datetime | None
+
+
+@dataclass(frozen=True)
+class Prices:
+    """What a running sandbox costs, by its size (E2B bills vCPU-seconds and GiB-seconds)."""
+
+    per_vcpu_second: float
+    per_gib_second: float
+    default_cpu_count: int
+    default_memory_mb: int
+
+
+class SandboxFacts(Protocol):
+    """What E2B's listing says of a sandbox, as reconcile writes it."""
+
+    @property
+    def sandbox_id(self) -> str: ...
+    @property
+    def cpu_count(self) -> int | None: ...
+    @property
+    def memory_mb(self) -> int | None: ...
+    @property
+    def end_at(self) -> datetime | None: ...
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]: ...
+
+
+@dataclass(frozen=True)
+class LiveRow:
+    """A RUNNING, PAUSING or PAUSED row as reconcile compares it with E2B's listing."""
+
+    sandbox_id: str
+    state: State
+    listed: bool  # E2B's listing has its sandbox
+    settled: bool  # unchanged since the listing started, no pause call or repair under way
 
 
 @dataclass(frozen=True)
@@ -410,7 +446,11 @@ class Store:
         if row is None:
             return Attempt(taken=False, backed=False)
         return Attempt(
-            bool(row["taken"]), bool(row["backed"]), row["claimed_activity"], float(row["held_for"] or 0)
+            bool(row["taken"]),
+            bool(row["backed"]),
+            row["claimed_activity"],
+            float(row["held_for"] or 0),
+            row["idle_timeout_s"],
         )
 
     async def renew_attempt(self, claim: Claim, attempt_id: UUID, hold_s: float) -> bool:
@@ -508,9 +548,70 @@ class Store:
             rows = await conn.fetch(queries()["transitions_since"], seconds)
         return {(r["to_state"], r["reason"]): r["n"] for r in rows}
 
-    async def paused_seconds(self) -> float:
-        async with self._conn() as conn:
-            return float(await conn.fetchval(queries()["paused_seconds"]))
+    async def paused_usage(self, prices: Prices) -> tuple[float, float]:
+        """(seconds sandboxes spent paused, USD they would have cost running, by their sizes)."""
+        row = await self._row(
+            "paused_usage",
+            prices.default_cpu_count,
+            prices.default_memory_mb,
+            prices.per_vcpu_second,
+            prices.per_gib_second,
+        )
+        assert row is not None
+        return float(row["seconds"]), float(row["usd"])
+
+    # reconcile
+
+    async def db_now(self) -> datetime:
+        now: datetime = await self._val("db_now")
+        return now
+
+    async def start_reconcile(self, run_at: datetime, replica: str) -> bool:
+        return await self._val("start_reconcile", run_at, replica) is not None
+
+    async def finish_reconcile(
+        self, run_at: datetime, *, listed: int, requests: int, changes: dict[str, int], error: str | None
+    ) -> None:
+        await self._exec("finish_reconcile", run_at, listed, requests, orjson.dumps(changes).decode(), error)
+
+    async def reconcile_view(self, listed_ids: list[str], listed_at: datetime) -> list[LiveRow]:
+        rows = await self._rows("reconcile_view", listed_ids, listed_at)
+        return [
+            LiveRow(r["sandbox_id"], State(r["state"]), bool(r["listed"]), bool(r["settled"])) for r in rows
+        ]
+
+    async def known_sandboxes(self, sandbox_ids: list[str]) -> set[str]:
+        return {r["sandbox_id"] for r in await self._rows("known_sandboxes", sandbox_ids)}
+
+    async def resumed_outside(self, sandbox_ids: list[str], listed_at: datetime, timeout_s: float) -> int:
+        return len(await self._rows("resumed_outside", sandbox_ids, listed_at, timeout_s))
+
+    async def paused_outside(self, sandbox_ids: list[str], listed_at: datetime) -> int:
+        return len(await self._rows("paused_outside", sandbox_ids, listed_at))
+
+    async def mark_gone(self, sandbox_id: str, listed_at: datetime) -> bool:
+        return bool(await self._val("gone", sandbox_id, listed_at))
+
+    async def adopt(self, sandboxes: Sequence[SandboxFacts], timeout_s: float) -> int:
+        rows = await self._rows(
+            "adopt",
+            [s.sandbox_id for s in sandboxes],
+            [orjson.dumps(dict(s.metadata)).decode() for s in sandboxes],
+            [s.cpu_count for s in sandboxes],
+            [s.memory_mb for s in sandboxes],
+            [s.end_at for s in sandboxes],
+            timeout_s,
+        )
+        return len(rows)
+
+    async def record_sizes(self, sandboxes: Sequence[SandboxFacts]) -> None:
+        await self._exec(
+            "record_sizes",
+            [s.sandbox_id for s in sandboxes],
+            [s.cpu_count for s in sandboxes],
+            [s.memory_mb for s in sandboxes],
+            [s.end_at for s in sandboxes],
+        )
 
 
 def _repair(row: asyncpg.Record) -> Repair:

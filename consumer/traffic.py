@@ -60,18 +60,28 @@ class Plan:
         return rng.uniform(1.8, 2.4) * self.idle_timeout + 2
 
 
-def event(kind: str, user: SimUser, rng: random.Random) -> tuple[str, bytes]:
+def event_body(
+    kind: str, sandbox_id: str, *, project_id: str, user_id: str, source: str = "terminal"
+) -> dict[str, object]:
+    """A ``sandbox.<kind>`` event happening now, as an app service publishes it."""
     body: dict[str, object] = {
         "event_id": str(uuid.uuid4()),
         "type": f"sandbox.{kind}",
         "occurred_at": datetime.now(UTC).isoformat(),
-        "sandbox_id": user.sandbox_id,
+        "sandbox_id": sandbox_id,
     }
     if kind == "created":
-        body.update(project_id=user.project_id, user_id=user.user_id, template="base")
+        body.update(project_id=project_id, user_id=user_id, template="base")
     elif kind == "activity":
-        body["source"] = rng.choice(SOURCES)
-    return body["type"], orjson.dumps(body)  # type: ignore[return-value]
+        body["source"] = source
+    return body
+
+
+def event(kind: str, user: SimUser, rng: random.Random) -> tuple[str, bytes]:
+    body = event_body(
+        kind, user.sandbox_id, project_id=user.project_id, user_id=user.user_id, source=rng.choice(SOURCES)
+    )
+    return f"sandbox.{kind}", orjson.dumps(body)
 
 
 class Traffic:

@@ -30,12 +30,13 @@ from pydantic import ValidationError
 
 from consumer import metrics
 from consumer.broker import Broker, Consumer, DeadLetter, Delivery, Outgoing, Publisher
+from consumer.busy import CpuProbe, is_busy
 from consumer.e2b_adapter import CallOutcome, CallResult, E2BClient, SandboxView
 from consumer.errors import BrokerUnavailable, StoreUnavailable
 from consumer.health import Health
 from consumer.ratelimit import TokenBucket
 from consumer.retrying import Stopping, retrying, sleep_or_stop
-from consumer.settings import PauseMode, Settings
+from consumer.settings import Settings
 from consumer.state import State
 from consumer.store import Claim, PauseEnd, Repair, Store
 from consumer.timing import backoff_delay
@@ -46,7 +47,6 @@ T = TypeVar("T")
 
 # A dry-run claim parks the row until newer activity moves its deadline, or a live scheduler.
 PARKED = datetime(9999, 1, 1, tzinfo=UTC)
-EMULATOR_KEY = "e2b_emulator"
 
 
 @dataclass(frozen=True)
@@ -93,20 +93,21 @@ class Worker:
     """One worker process: ``settings.worker_concurrency`` pauses in flight at most."""
 
     def __init__(
-        self, settings: Settings, store: Store, broker: Broker, health: Health, e2b_url: str | None
+        self,
+        settings: Settings,
+        store: Store,
+        broker: Broker,
+        health: Health,
+        client: E2BClient,
+        bucket: TokenBucket,
     ) -> None:
         self.settings = settings
         self.store = store
         self.broker = broker
         self.health = health
-        self.client = E2BClient(
-            api_key=settings.e2b_key or EMULATOR_KEY,
-            api_url=e2b_url,
-            request_timeout=settings.e2b_request_timeout,
-            memory=settings.pause_mode is PauseMode.FULL,
-        )
-        rate = settings.worker_rate
-        self.bucket = TokenBucket(rate, capacity=max(1.0, rate / 10))
+        self.client = client
+        self.bucket = bucket
+        self.cpu = CpuProbe(client, bucket)
         self.in_flight: set[asyncio.Task[None]] = set()
         self.last_delivery = time.monotonic()
         self.stop = asyncio.Event()
@@ -252,6 +253,17 @@ class Worker:
             end = PauseEnd(State.RUNNING, "dry_run", attempt, due_at=PARKED, dry_run_at=datetime.now(UTC))
             await self._finish(claim, attempt_id, end, Decision(State.RUNNING, "dry_run", "sandbox.paused"))
             return Step(finished=True)
+        if await self._busy(claim.sandbox_id):
+            timeout = took.idle_timeout_s or settings.default_idle_timeout
+            due = datetime.now(UTC) + timedelta(seconds=timeout)
+            metrics.BUSY_CPU.inc()
+            await self._finish(
+                claim,
+                attempt_id,
+                PauseEnd(State.RUNNING, "busy_cpu", attempt, due_at=due),
+                Decision(State.RUNNING, "busy_cpu"),
+            )
+            return Step(finished=True)
         calls = await self._call_e2b(claim, attempt_id)
         if calls is None:  # the hold ran out while the rate limiter made us wait: look again
             return Step(wait=0.0)
@@ -276,6 +288,14 @@ class Worker:
             "command not carried out",
             extra={"action": "worker.drop", "sandbox_id": claim.sandbox_id, "reason": reason},
         )
+
+    async def _busy(self, sandbox_id: str) -> bool:
+        """E2B's latest CPU sample says the sandbox works (see consumer/busy.py)."""
+        settings = self.settings
+        if settings.busy_cpu_percent <= 0:
+            return False
+        sample = await self.cpu.sample(sandbox_id)
+        return is_busy(sample, datetime.now(UTC), settings.busy_cpu_percent, settings.busy_cpu_sample_age)
 
     async def _call_e2b(
         self, claim: Claim, attempt_id: uuid.UUID
@@ -455,10 +475,13 @@ class Worker:
             "activity_at": repair.last_activity.isoformat(),
             "lifetime_s": round(lifetime, 1),
         }
-        if await self.store.finish_repair(repair.sandbox_id, holder, "paused_in_use", detail):
-            metrics.PAUSED_IN_USE.inc()
-            metrics.TRANSITIONS.labels("worker", State.RUNNING.value, "paused_in_use").inc()
+        # no claim of ours saw the row when it was paused outside (E2B's own timeout)
+        reason = "paused_in_use" if repair.claimed_activity is not None else "resumed_for_use"
+        if await self.store.finish_repair(repair.sandbox_id, holder, reason, detail):
+            metrics.TRANSITIONS.labels("worker", State.RUNNING.value, reason).inc()
+            if reason == "paused_in_use":
+                metrics.PAUSED_IN_USE.inc()
             log.warning(
-                "a pause hit a sandbox in use; resumed it",
-                extra={"action": "worker.paused_in_use", "sandbox_id": repair.sandbox_id, **detail},
+                "a paused sandbox was in use; resumed it",
+                extra={"action": f"worker.{reason}", "sandbox_id": repair.sandbox_id, **detail},
             )

@@ -43,7 +43,8 @@ distinct ids (400 otherwise) and leaves unknown and hidden ids out.
 
 Faults (:class:`Faults`) are checked in this order: 429 when the admitted
 calls of the last second reach ``rate_limit``; a hang (``timeout_rate``); an
-error status drawn from ``error_statuses`` (``error_rate``); 500 for a list
+error status drawn from ``error_statuses`` (``error_rate``, or ``op_error_rate[op]``
+when higher); 500 for a list
 call once ``list_fail_after`` list answers succeeded; the latency sleep
 (``latency`` plus ``op_latency[op]``); then the real answer. So error answers
 come without the latency, like those of a gateway in front of an API. 503

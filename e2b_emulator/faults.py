@@ -17,7 +17,8 @@ class Faults:
 
     ``latency`` (s) delays every answer, ``op_latency`` adds seconds per op name
     (e.g. ``{"pause": 2.0}``). ``error_rate`` is the share of calls answered
-    with a status drawn from ``error_statuses``; ``timeout_rate`` the share that
+    with a status drawn from ``error_statuses``, and ``op_error_rate`` the same
+    share for one op only (e.g. ``{"info": 1.0}``); ``timeout_rate`` the share that
     hang for ``hang_seconds`` (then 504). ``rate_limit`` is the admitted calls
     per sliding second above which calls get 429 (0: off). ``missing`` ids
     answer 404 and are left out of listings. After ``list_fail_after``
@@ -33,6 +34,7 @@ class Faults:
     missing: set[str] = field(default_factory=set)
     error_statuses: list[int] = field(default_factory=lambda: list(DEFAULT_ERROR_STATUSES))
     op_latency: dict[str, float] = field(default_factory=dict)
+    op_error_rate: dict[str, float] = field(default_factory=dict)
     list_fail_after: int | None = None
     # Not a setting: the list answers given since list_fail_after was last set.
     lists_answered: int = field(default=0, init=False, repr=False, compare=False)
@@ -52,6 +54,7 @@ class Faults:
         data["missing"] = sorted(self.missing)
         data["error_statuses"] = list(self.error_statuses)
         data["op_latency"] = dict(self.op_latency)
+        data["op_error_rate"] = dict(self.op_error_rate)
         return data
 
     def update(self, changes: dict[str, Any]) -> None:
@@ -90,7 +93,8 @@ def plan(faults: Faults, op: str, rng: random.Random) -> Plan:
     """
     if faults.timeout_rate and rng.random() < faults.timeout_rate:
         return Plan(hang=True, fault="hang")
-    if faults.error_rate and rng.random() < faults.error_rate:
+    error_rate = max(faults.error_rate, faults.op_error_rate.get(op, 0.0))
+    if error_rate and rng.random() < error_rate:
         return Plan(status=rng.choice(faults.error_statuses), fault="error")
     if op == "list" and faults.list_exhausted():
         return Plan(status=500, fault="list_fail_after")
@@ -114,6 +118,12 @@ def _parse(name: str, value: Any) -> Any:
     if name == "op_latency":
         if not isinstance(value, dict) or not all(k in OPS and _is_seconds(v) for k, v in value.items()):
             raise ValueError(f"op_latency must map op names ({', '.join(OPS)}) to seconds >= 0")
+        return {k: float(v) for k, v in value.items()}
+    if name == "op_error_rate":
+        if not isinstance(value, dict) or not all(
+            k in OPS and _is_seconds(v) and v <= 1 for k, v in value.items()
+        ):
+            raise ValueError(f"op_error_rate must map op names ({', '.join(OPS)}) to shares 0..1")
         return {k: float(v) for k, v in value.items()}
     if name == "list_fail_after":
         if value is not None and not (_is_int(value) and value >= 0):

@@ -8,12 +8,14 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from consumer.broker import QueueState, ack_plan
-from consumer.e2b_adapter import CallOutcome, CallResult
+from consumer.busy import is_busy
+from consumer.e2b_adapter import CallOutcome, CallResult, CpuSample, SandboxView
 from consumer.errors import ConfigError
 from consumer.ratelimit import TokenBucket
+from consumer.reconcile import plan
 from consumer.scheduler import claim_budget, freshness_gate, scheduled_time
 from consumer.state import State
-from consumer.store import IngestView, ReplicaBeat
+from consumer.store import IngestView, LiveRow, ReplicaBeat
 from consumer.timing import backoff_delay, next_ticks, parse_duration, validate_cron
 from consumer.worker import decide
 
@@ -203,3 +205,89 @@ def test_the_freshness_gate(
     assert (gate.claim_until, gate.skipped) == expected
     assert gate.detail["consumers"] == consumers and gate.detail["ready"] == ready
     assert (gate.skipped is None) == ("why" not in gate.detail)
+
+
+# reconcile: what E2B's listing means for the table
+
+
+def listed(sid: str, state: str = "running", **metadata: str) -> SandboxView:
+    return SandboxView(state, None, 2, 512, sid, tuple(sorted(metadata.items())))
+
+
+def live(sid: str, state: State, *, settled: bool = True) -> LiveRow:
+    return LiveRow(sid, state, listed=False, settled=settled)
+
+
+RECONCILE_CASES = [
+    # (E2B lists, live rows, known ids, scope) -> (resumed_outside, paused_outside, maybe_gone, adopted)
+    ([listed("a")], [live("a", State.PAUSED)], {"a"}, None, (["a"], [], [], [])),
+    ([listed("a", "paused")], [live("a", State.RUNNING)], {"a"}, None, ([], ["a"], [], [])),
+    (
+        [],
+        [live("a", State.RUNNING), live("b", State.PAUSING), live("c", State.PAUSED)],
+        {"a", "b", "c"},
+        None,
+        ([], [], ["a", "b", "c"], []),
+    ),
+    # a row written since the listing started, or with a call under way, waits for the next run
+    ([listed("a", "paused")], [live("a", State.RUNNING, settled=False)], {"a"}, None, ([], [], [], [])),
+    ([], [live("a", State.RUNNING, settled=False)], {"a"}, None, ([], [], [], [])),
+    # agreeing rows change nothing
+    (
+        [listed("a"), listed("b", "paused")],
+        [live("a", State.RUNNING), live("b", State.PAUSED)],
+        {"a", "b"},
+        None,
+        ([], [], [], []),
+    ),
+    # PAUSING is the worker's: E2B's view of it is not acted on
+    ([listed("a", "paused")], [live("a", State.PAUSING)], {"a"}, None, ([], [], [], [])),
+    # strays: running and in scope are adopted; paused, out of scope or known ones are not
+    (
+        [listed("s1", app="b"), listed("s2", app="x"), listed("s3", "paused", app="b")],
+        [],
+        set(),
+        {"app": "b"},
+        ([], [], [], ["s1"]),
+    ),
+    ([listed("s1", app="b")], [], {"s1"}, {"app": "b"}, ([], [], [], [])),  # a KILLED row, say
+    ([listed("s1", app="b")], [], set(), None, ([], [], [], [])),  # no scope: adopt none
+    ([listed("s1", app="b", team="t")], [], set(), {"app": "b", "team": "u"}, ([], [], [], [])),
+]
+
+
+@pytest.mark.parametrize(("e2b", "rows", "known", "scope", "expected"), RECONCILE_CASES)
+def test_the_reconcile_plan(
+    e2b: list[SandboxView],
+    rows: list[LiveRow],
+    known: set[str],
+    scope: dict[str, str] | None,
+    expected: tuple[list[str], list[str], list[str], list[str]],
+) -> None:
+    found = plan(e2b, rows, known, scope)
+    assert (
+        found.resumed_outside,
+        found.paused_outside,
+        found.maybe_gone,
+        [s.sandbox_id for s in found.adopt],
+    ) == expected
+
+
+# busy CPU: only a fresh sample at or above the threshold keeps a sandbox running
+
+SAMPLE_AT = T - timedelta(seconds=4)
+BUSY_CASES = [
+    (CpuSample(95.0, SAMPLE_AT), 10.0, True),
+    (CpuSample(10.0, SAMPLE_AT), 10.0, True),  # at the threshold
+    (CpuSample(9.9, SAMPLE_AT), 10.0, False),
+    (CpuSample(95.0, T - timedelta(seconds=31)), 10.0, False),  # stale: no evidence of work now
+    (None, 10.0, False),  # no sample: the idle timeout decides
+    (CpuSample(95.0, SAMPLE_AT), 0.0, False),  # the check is off
+]
+
+
+@pytest.mark.parametrize(("sample", "threshold", "busy"), BUSY_CASES)
+def test_a_cpu_sample_vetoes_a_pause_only_when_fresh_and_high(
+    sample: CpuSample | None, threshold: float, busy: bool
+) -> None:
+    assert is_busy(sample, T, threshold, max_age_s=30) is busy

@@ -174,10 +174,11 @@ WITH cur AS (
     FROM cur
     WHERE s.sandbox_id = cur.sandbox_id AND cur.state = 'PAUSING' AND cur.generation = $2
       AND (cur.attempt_until IS NULL OR cur.attempt_until <= now())
-    RETURNING s.claimed_activity
+    RETURNING s.claimed_activity, s.idle_timeout_s
 )
 SELECT EXISTS (SELECT 1 FROM took) AS taken,
        (SELECT claimed_activity FROM took) AS claimed_activity,
+       (SELECT idle_timeout_s FROM took) AS idle_timeout_s,
        cur.state = 'PAUSING' AND cur.generation = $2 AS backed,
        greatest(0, extract(epoch FROM cur.attempt_until - now()))::float8 AS held_for
 FROM cur;
@@ -251,7 +252,8 @@ WHERE sandbox_id = $1 AND attempt_id = $2 AND state = 'RUNNING' AND resume_reque
 RETURNING sandbox_id, last_activity, claimed_activity, lifetime_left_s;
 
 -- name: finish_repair
--- $3: 'paused_in_use' (resumed it), 'running' (nothing to do) or 'gone'.
+-- $3: 'paused_in_use' (resumed it after our pause), 'resumed_for_use' (resumed it after
+-- a pause E2B made), 'running' (nothing to do) or 'gone'.
 WITH done AS (
     UPDATE sandbox_sessions AS s
     SET resume_requested_at = NULL, attempt_id = NULL, attempt_until = NULL,
@@ -344,11 +346,123 @@ SELECT to_state, reason, count(*) AS n FROM session_transitions
 WHERE at >= now() - make_interval(secs => $1)
 GROUP BY to_state, reason;
 
--- name: paused_seconds
--- Seconds spent PAUSED, from each transition into PAUSED to the next one out (or now).
-SELECT coalesce(sum(extract(epoch FROM coalesce(next_at, now()) - at)), 0)::float8
+-- name: paused_usage
+-- Seconds spent PAUSED, from each transition into PAUSED to the next one out (or
+-- now), and what they would have cost running, by each sandbox's size ($1 vCPUs
+-- and $2 MiB where unknown; $3 USD per vCPU-second, $4 USD per GiB-second).
+SELECT coalesce(sum(spans.seconds), 0)::float8 AS seconds,
+       coalesce(sum(spans.seconds * (coalesce(s.cpu_count, $1::int) * $3::float8
+                                     + coalesce(s.memory_mb, $2::int) / 1024.0 * $4::float8)), 0)::float8 AS usd
 FROM (
-    SELECT to_state, at, lead(at) OVER (PARTITION BY sandbox_id ORDER BY id) AS next_at
-    FROM session_transitions
+    SELECT sandbox_id, extract(epoch FROM coalesce(next_at, now()) - at) AS seconds
+    FROM (
+        SELECT sandbox_id, to_state, at, lead(at) OVER (PARTITION BY sandbox_id ORDER BY id) AS next_at
+        FROM session_transitions
+    ) AS t
+    WHERE to_state = 'PAUSED'
 ) AS spans
-WHERE to_state = 'PAUSED';
+LEFT JOIN sandbox_sessions AS s ON s.sandbox_id = spans.sandbox_id;
+
+-- reconcile: what E2B lists against the table ($listed_at: when the listing
+-- started; a row written since is newer than the listing and left alone)
+
+-- name: start_reconcile
+INSERT INTO reconcile_runs (run_at, replica) VALUES ($1, $2)
+ON CONFLICT (run_at) DO NOTHING
+RETURNING run_at;
+
+-- name: finish_reconcile
+UPDATE reconcile_runs
+SET finished_at = clock_timestamp(), listed = $2, requests = $3, changes = $4::jsonb, error = $5
+WHERE run_at = $1;
+
+-- name: reconcile_view
+-- The live rows E2B listed, and the live rows it did not (candidates for gone).
+SELECT s.sandbox_id, s.state, s.cpu_count, s.memory_mb, s.e2b_end_at,
+       l.sandbox_id IS NOT NULL AS listed,
+       s.updated_at < $2 AND s.created_at < $2
+           AND (s.attempt_until IS NULL OR s.attempt_until <= now())
+           AND s.resume_requested_at IS NULL AS settled
+FROM sandbox_sessions AS s
+LEFT JOIN unnest($1::text[]) AS l(sandbox_id) ON l.sandbox_id = s.sandbox_id
+WHERE s.state IN ('RUNNING', 'PAUSING', 'PAUSED');
+
+-- name: known_sandboxes
+SELECT sandbox_id FROM sandbox_sessions WHERE sandbox_id = ANY($1::text[]);
+
+-- name: resumed_outside
+-- E2B runs a sandbox the table calls PAUSED: its idle timeout counts from now.
+WITH moved AS (
+    UPDATE sandbox_sessions AS s
+    SET state = 'RUNNING', last_arrived_at = now(), dry_run_at = NULL,
+        pause_due_at = GREATEST(now() + make_interval(secs => coalesce(s.idle_timeout_s, $3)),
+                                s.keep_alive_until, s.retry_after),
+        updated_at = now()
+    WHERE s.sandbox_id = ANY($1::text[]) AND s.state = 'PAUSED' AND s.updated_at < $2
+    RETURNING s.sandbox_id, s.generation
+), logged AS (
+    INSERT INTO session_transitions (sandbox_id, from_state, to_state, reason, actor, generation)
+    SELECT sandbox_id, 'PAUSED', 'RUNNING', 'resumed_outside', 'reconcile', generation FROM moved
+)
+SELECT sandbox_id FROM moved;
+
+-- name: paused_outside
+-- E2B holds paused a sandbox the table calls RUNNING: no pause is to be sent.
+-- No claim of ours saw it (claimed_activity NULL): later activity resumes it all
+-- the same, and its repair is not counted as a pause of ours.
+WITH moved AS (
+    UPDATE sandbox_sessions AS s
+    SET state = 'PAUSED', paused_at = now(), claimed_activity = NULL, updated_at = now()
+    WHERE s.sandbox_id = ANY($1::text[]) AND s.state = 'RUNNING' AND s.updated_at < $2
+      AND s.resume_requested_at IS NULL
+    RETURNING s.sandbox_id, s.generation
+), logged AS (
+    INSERT INTO session_transitions (sandbox_id, from_state, to_state, reason, actor, generation)
+    SELECT sandbox_id, 'RUNNING', 'PAUSED', 'paused_outside', 'reconcile', generation FROM moved
+)
+SELECT sandbox_id FROM moved;
+
+-- name: gone
+-- E2B's get_info answered 404: the sandbox no longer exists.
+WITH moved AS (
+    UPDATE sandbox_sessions AS s
+    SET state = 'KILLED', killed_at = now(), resume_requested_at = NULL, updated_at = now()
+    WHERE s.sandbox_id = $1 AND s.state IN ('RUNNING', 'PAUSING', 'PAUSED') AND s.updated_at < $2
+      AND (s.attempt_until IS NULL OR s.attempt_until <= now())
+    RETURNING s.sandbox_id, s.generation, s.state AS old_state
+), logged AS (
+    INSERT INTO session_transitions (sandbox_id, from_state, to_state, reason, actor, generation)
+    SELECT sandbox_id, old_state, 'KILLED', 'gone', 'reconcile', generation FROM moved
+)
+SELECT count(*) FROM moved;
+
+-- name: adopt
+-- Running sandboxes in scope that no app announced: tracked from now.
+WITH adopted AS (
+    INSERT INTO sandbox_sessions (
+        sandbox_id, metadata, state, last_activity, last_arrived_at, pause_due_at,
+        cpu_count, memory_mb, e2b_end_at)
+    SELECT u.sandbox_id, u.metadata, 'RUNNING', now(), now(), now() + make_interval(secs => $6),
+           u.cpu_count, u.memory_mb, u.end_at
+    FROM unnest($1::text[], $2::jsonb[], $3::int[], $4::int[], $5::timestamptz[])
+        AS u(sandbox_id, metadata, cpu_count, memory_mb, end_at)
+    ORDER BY 1
+    ON CONFLICT (sandbox_id) DO NOTHING
+    RETURNING sandbox_id
+), logged AS (
+    INSERT INTO session_transitions (sandbox_id, from_state, to_state, reason, actor, generation)
+    SELECT sandbox_id, NULL, 'RUNNING', 'adopted', 'reconcile', 0 FROM adopted
+)
+SELECT sandbox_id FROM adopted;
+
+-- name: record_sizes
+-- What E2B says of each listed sandbox's size and end of life.
+UPDATE sandbox_sessions AS s
+SET cpu_count = u.cpu_count, memory_mb = u.memory_mb, e2b_end_at = u.end_at
+FROM unnest($1::text[], $2::int[], $3::int[], $4::timestamptz[]) AS u(sandbox_id, cpu_count, memory_mb, end_at)
+WHERE s.sandbox_id = u.sandbox_id
+  AND (s.cpu_count IS DISTINCT FROM u.cpu_count OR s.memory_mb IS DISTINCT FROM u.memory_mb
+       OR s.e2b_end_at IS DISTINCT FROM u.end_at);
+
+-- name: db_now
+SELECT now();

@@ -1,0 +1,84 @@
+"""CPU-aware pausing: E2B's latest metrics sample can veto a pause.
+
+An agent or a build can work for many minutes with no user keystroke, so no
+``sandbox.activity``; its CPU shows it. Just before a pause, the worker reads
+the sandbox's latest sample; at or above ``busy_cpu_percent`` it is busy, not
+paused, and its deadline starts again from now.
+
+Samples are read in batches: every pause candidate of a short window goes into
+one ``GET /sandboxes/metrics`` request of up to 100 ids, so at fleet scale a
+thousand pauses cost ten requests. A sandbox with no sample, or only a stale
+one, is not kept running: without evidence of work the idle timeout decides,
+and a sample E2B cannot give never blocks a pause forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from datetime import datetime
+
+from consumer import metrics
+from consumer.e2b_adapter import METRICS_BATCH, CpuSample, E2BClient, E2BError
+from consumer.ratelimit import TokenBucket
+
+log = logging.getLogger(__name__)
+
+# How long the first candidate of a batch waits for others to join it.
+WINDOW = 0.02
+
+
+def is_busy(sample: CpuSample | None, now: datetime, threshold_pct: float, max_age_s: float) -> bool:
+    """Pure: does this sample prove the sandbox is working? (No check when the threshold is 0.)"""
+    if threshold_pct <= 0 or sample is None:
+        return False
+    if (now - sample.at).total_seconds() > max_age_s:
+        return False
+    return sample.cpu_used_pct >= threshold_pct
+
+
+class CpuProbe:
+    """The latest CPU sample of pause candidates, one E2B request per batch of up to 100."""
+
+    def __init__(self, client: E2BClient, bucket: TokenBucket, window: float = WINDOW) -> None:
+        self._client = client
+        self._bucket = bucket
+        self._window = window
+        self._waiting: dict[str, list[asyncio.Future[CpuSample | None]]] = {}
+        self._full = asyncio.Event()
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def sample(self, sandbox_id: str) -> CpuSample | None:
+        """The sandbox's latest sample, or None when E2B has none or cannot say now."""
+        future: asyncio.Future[CpuSample | None] = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(sandbox_id, []).append(future)
+        if len(self._waiting) >= METRICS_BATCH:
+            self._full.set()
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush_while_waiting(), name="cpu-samples")
+        return await future
+
+    async def _flush_while_waiting(self) -> None:
+        """One request per batch until nobody waits. Failure policy: an error answers None to the
+        batch's waiters (no evidence of work); nobody waits forever."""
+        while self._waiting:
+            with contextlib.suppress(TimeoutError):
+                # the batching window: candidates arriving meanwhile join this request
+                await asyncio.wait_for(self._full.wait(), self._window)
+            self._full.clear()
+            batch = {sid: self._waiting.pop(sid) for sid in list(self._waiting)[:METRICS_BATCH]}
+            samples: dict[str, CpuSample] = {}
+            try:
+                metrics.RATE_LIMIT_WAIT.observe(await self._bucket.take())
+                samples = await self._client.cpu_samples(list(batch))
+            except E2BError as exc:
+                log.warning("CPU samples not read", extra={"action": "worker.cpu_samples", "error": str(exc)})
+            except Exception as exc:
+                log.error("CPU samples failed", exc_info=exc, extra={"action": "worker.cpu_samples"})
+            for sandbox_id, futures in batch.items():
+                for future in futures:
+                    if not future.done():
+                        future.set_result(samples.get(sandbox_id))
+            if len(self._waiting) >= METRICS_BATCH:
+                self._full.set()
