@@ -28,7 +28,7 @@ from benchmarks.common import Context, Figure, Timer, wait_for
 from benchmarks.processes import Procs
 from consumer.settings import load_settings
 
-BENCHMARKS = ("ingest", "fanout", "tick", "lateness", "memory")
+BENCHMARKS = ("ingest", "fanout", "tick", "lateness", "memory", "reconcile")
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,7 @@ class Sizes:
     lateness_fleet: int = 10_000
     memory_seconds: float = 180.0
     memory_rate: float = 2_000.0
+    reconcile_fleet: int = 10_000
 
 
 QUICK = Sizes(
@@ -63,6 +64,7 @@ QUICK = Sizes(
     lateness_fleet=1_000,
     memory_seconds=9.0,
     memory_rate=500.0,
+    reconcile_fleet=1_000,
 )
 
 

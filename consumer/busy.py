@@ -26,7 +26,7 @@ from consumer.ratelimit import TokenBucket
 log = logging.getLogger(__name__)
 
 # How long the first candidate of a batch waits for others to join it.
-WINDOW = 0.02
+WINDOW = 0.1
 
 
 def is_busy(sample: CpuSample | None, now: datetime, threshold_pct: float, max_age_s: float) -> bool:
