@@ -37,7 +37,6 @@ import aiormq
 from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
-    AbstractQueue,
     AbstractRobustChannel,
     AbstractRobustConnection,
     DeliveryMode,
@@ -516,6 +515,7 @@ class Broker:
         self.connection = connection
         self.settings = settings
         self.names = Names(settings.topology_prefix)
+        self._inspector: AbstractChannel | None = None
 
     @classmethod
     async def connect(cls, settings: Settings, role: str, *, timeout: float = 10) -> Broker:
@@ -557,16 +557,17 @@ class Broker:
         return Publisher(channel, target, confirm)
 
     async def queue_state(self, queue: str) -> QueueState:
-        """Messages ready in ``queue`` and its consumers, by a passive declare on a throwaway channel."""
+        """Messages ready in ``queue`` and its consumers, by a passive declare.
+
+        The declares share one channel, opened again when a missing queue (the
+        broker closes a channel on that) or a reconnect took it away.
+        """
         with translated(f"reading the depth of {queue}"):
-            channel = await self.connection.channel()
-            try:
-                declared: AbstractQueue = await channel.declare_queue(queue, passive=True)
-                result = declared.declaration_result
-                return QueueState(int(result.message_count or 0), int(result.consumer_count or 0))
-            finally:
-                if not channel.is_closed:
-                    await channel.close()
+            if self._inspector is None or self._inspector.is_closed:
+                self._inspector = await self.connection.channel()
+            frame = await self._inspector.get_underlay_channel()
+            result = await frame.queue_declare(queue, passive=True)
+            return QueueState(int(result.message_count or 0), int(result.consumer_count or 0))
 
     async def close(self) -> None:
         with contextlib.suppress(*_UNAVAILABLE):

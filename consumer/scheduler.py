@@ -36,6 +36,9 @@ from schemas import PauseCommand
 
 log = logging.getLogger(__name__)
 
+# Seconds between the sweeps a tick need not make every time (retention, gauges...).
+MAINTENANCE_EVERY = 60.0
+
 
 @dataclass(frozen=True)
 class TickResult:
@@ -154,6 +157,7 @@ class Scheduler:
         self.running = asyncio.Lock()
         self.commands: Publisher | None = None
         self.current: asyncio.Task[TickResult] | None = None
+        self.maintained_at = float("-inf")
 
     async def run(self, stop: asyncio.Event, *, once: bool = False) -> None:
         self.commands = await self.broker.publisher(self.names.commands_exchange, confirm=True)
@@ -236,24 +240,23 @@ class Scheduler:
                 error=result.error,
                 detail=result.detail or None,
             )
-            for state, count in (await self.store.count_by_state()).items():
-                metrics.SESSIONS.labels(state).set(count)
             return result
 
     async def _work(self) -> TickResult:
         settings = self.settings
         republished, error = await self._renew_leases()
-        expired = 0
-        if settings.retention_days > 0:
-            expired = await self.store.expire_paused(settings.retention_days, 100_000)
-        if not settings.dry_run:
-            await self.store.unpark_dry_run(settings.default_idle_timeout, 100_000)
-        await self.store.retire_ingest(settings.ingest_retire_after)
+        expired = await self._maintain() if self._maintenance_due() else 0
         done = TickResult(republished=republished, expired=expired, error=error)
         if not settings.auto_pause_enabled:
             return dataclasses.replace(done, skipped="disabled")
+        now, first_due = await self.store.earliest_due()
+        if first_due is None or first_due > now:
+            # nothing is due: the common tick ends after one probe of the idle index
+            wait = round((first_due - now).total_seconds(), 3) if first_due is not None else None
+            return dataclasses.replace(done, detail={"next_due_in_s": wait})
         events = await self.broker.queue_state(self.names.events_queue)
-        self._sample(events, await self.broker.queue_state(self.names.pause_queue))
+        metrics.QUEUE_MESSAGES.labels(self.names.events_queue).set(events.ready)
+        metrics.QUEUE_CONSUMERS.labels(self.names.events_queue).set(events.consumers)
         view = await self.store.ingest_view()
         gate = freshness_gate(
             view,
@@ -274,10 +277,29 @@ class Scheduler:
         claimed, claim_error = await self._claim(gate.claim_until)
         return dataclasses.replace(done, claimed=claimed, error=error or claim_error, detail=gate.detail)
 
-    def _sample(self, events: QueueState, pause: QueueState) -> None:
-        for queue, state in ((self.names.events_queue, events), (self.names.pause_queue, pause)):
-            metrics.QUEUE_MESSAGES.labels(queue).set(state.ready)
-            metrics.QUEUE_CONSUMERS.labels(queue).set(state.consumers)
+    def _maintenance_due(self) -> bool:
+        return time.monotonic() - self.maintained_at >= MAINTENANCE_EVERY
+
+    async def _maintain(self) -> int:
+        """What a tick need not do every time, done at most every MAINTENANCE_EVERY seconds:
+        retention, rows a dry run parked, silent ingest rows, old tick records, the gauges.
+        Returns the sessions retention expired."""
+        settings = self.settings
+        self.maintained_at = time.monotonic()
+        expired = 0
+        if settings.retention_days > 0:
+            expired = await self.store.expire_paused(settings.retention_days, 100_000)
+        if not settings.dry_run:
+            await self.store.unpark_dry_run(settings.default_idle_timeout, 100_000)
+        await self.store.retire_ingest(settings.ingest_retire_after)
+        await self.store.prune_ticks()
+        for state, count in (await self.store.count_by_state()).items():
+            metrics.SESSIONS.labels(state).set(count)
+        for queue in self.names.queues():
+            depth = await self.broker.queue_state(queue)
+            metrics.QUEUE_MESSAGES.labels(queue).set(depth.ready)
+            metrics.QUEUE_CONSUMERS.labels(queue).set(depth.consumers)
+        return expired
 
     async def _renew_leases(self) -> tuple[int, str | None]:
         """Send again the commands of claims whose lease ran out; (how many went out, error)."""

@@ -395,6 +395,15 @@ class Store:
     async def running_count(self) -> int:
         return int(await self._val("running_count"))
 
+    async def earliest_due(self) -> tuple[datetime, datetime | None]:
+        """(the database's clock, the first deadline of a RUNNING row or None)."""
+        row = await self._row("earliest_due")
+        assert row is not None
+        return row["now"], row["due"]
+
+    async def prune_ticks(self) -> None:
+        await self._exec("prune_ticks")
+
     async def claim_idle(self, limit: int, until: datetime) -> list[Claim]:
         """Move up to ``limit`` RUNNING rows due by ``until`` (and now) to PAUSING; commit; return them."""
         rows = await self._rows("claim_idle", limit, until)

@@ -17,7 +17,8 @@ ALTER TABLE sandbox_sessions
     ADD COLUMN dry_run_at timestamptz;
 
 UPDATE sandbox_sessions SET last_arrived_at = last_activity WHERE last_arrived_at IS NULL;
-ALTER TABLE sandbox_sessions ALTER COLUMN last_arrived_at SET NOT NULL;
+ALTER TABLE sandbox_sessions ALTER COLUMN last_arrived_at SET NOT NULL,
+    ALTER COLUMN last_arrived_at SET DEFAULT now();
 
 -- rows a dry run parked far in the future (9999-01-01) before dry_run_at existed
 UPDATE sandbox_sessions SET dry_run_at = now() WHERE state = 'RUNNING' AND pause_due_at >= '9999-01-01';

@@ -62,6 +62,18 @@ SELECT pg_advisory_unlock(hashtext($1));
 -- name: running_count
 SELECT count(*) FROM sandbox_sessions WHERE state = 'RUNNING';
 
+-- name: earliest_due
+-- The first deadline of a RUNNING row, through the partial idle index: a tick
+-- with nothing due ends here.
+SELECT now() AS now, min(pause_due_at) AS due FROM sandbox_sessions WHERE state = 'RUNNING';
+
+-- name: prune_ticks
+-- Tick and reconcile records older than a day: the recent ones are for status and the audit.
+WITH ticks AS (
+    DELETE FROM scheduler_ticks WHERE tick_at < now() - interval '1 day'
+)
+DELETE FROM reconcile_runs WHERE run_at < now() - interval '1 day';
+
 -- name: claim_idle
 -- $2 is the ingest watermark: only a deadline that passed before every event
 -- published up to then was committed is a deadline ingest can vouch for.
