@@ -23,7 +23,7 @@ import logging
 import os
 import socket
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -330,16 +330,21 @@ class Ingest:
         )
         self.health.set("database", True)
         self._count(items, arrived)
-        for t in outcome.transitions:
-            metrics.TRANSITIONS.labels("ingest", t.to_state.value, t.reason).inc()
+        moves = Counter((t.to_state.value, t.reason) for t in outcome.transitions)
+        for (to_state, reason), n in moves.items():
+            metrics.TRANSITIONS.labels("ingest", to_state, reason).inc(n)
         if outcome.stale_events:
             metrics.EVENTS_STALE.inc(outcome.stale_events)
 
     def _count(self, items: list[tuple[Delivery, Event]], arrived: datetime) -> None:
+        """Metrics per batch, not per event: counts by type, and the lag of the batch's oldest event."""
         counts: dict[str, int] = defaultdict(int)
+        oldest = arrived
         for _, event in items:
             counts[event.type] += 1
-            metrics.INGEST_LAG.observe((arrived - event.occurred_at).total_seconds())
+            if event.occurred_at < oldest:
+                oldest = event.occurred_at
+        metrics.INGEST_LAG.observe((arrived - oldest).total_seconds())
         for event_type, n in counts.items():
             metrics.EVENTS_INGESTED.labels(event_type).inc(n)
         for producer, skew in producer_skews(items, arrived).items():

@@ -21,7 +21,7 @@ BATCH_SIZE = Histogram(
 BATCH_SECONDS = Histogram("autopause_ingest_batch_seconds", "Time to write one ingest batch to Postgres")
 INGEST_LAG = Histogram(
     "autopause_ingest_lag_seconds",
-    "now - occurred_at when an event is committed",
+    "now - occurred_at of the oldest event of each committed batch",
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900),
 )
 TRANSITIONS = Counter(

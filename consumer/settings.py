@@ -97,7 +97,9 @@ class Settings(BaseSettings):
     )
 
     # scheduler
-    tick_cron: str = Field("* * * * *", description="cron spec of the idle tick (5 or 6 fields)")
+    tick_cron: str = Field(
+        "*/5 * * * * *", description="cron spec of the idle tick (5 fields, or 6 with seconds first)"
+    )
     default_idle_timeout: Positive = Field(600, description="seconds idle before a pause")
     claim_batch_size: int = Field(1000, ge=1, le=50_000, description="rows claimed per statement")
     claim_max_share: float = Field(

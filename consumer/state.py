@@ -11,11 +11,13 @@ into any batches, yields the same row. The ingest role only loads rows, calls
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 from uuid import UUID
+
+import orjson
 
 from schemas import SandboxActivity, SandboxCreated, SandboxKilled
 
@@ -43,7 +45,7 @@ class Session:
     user_id: str | None = None
     template: str | None = None
     idle_timeout_s: int | None = None
-    metadata: dict[str, str] = field(default_factory=dict)
+    metadata: str = "{}"  # JSON text: ingest passes it through, a created event replaces it
     created_event_id: UUID | None = None
     created_event_at: datetime | None = None
     generation: int = 0
@@ -219,8 +221,22 @@ def apply(current: Session | None, delta: Delta, default_timeout: timedelta, arr
         if current.dry_run_at is not None:
             changes["dry_run_at"] = None
 
-    row = dataclasses.replace(current, **changes) if changes else current
+    row = _with(current, changes) if changes else current
     return Applied(row, tuple(transitions), stale, changed=bool(changes or transitions))
+
+
+_SESSION_FIELDS = tuple(f.name for f in dataclasses.fields(Session))
+_set = object.__setattr__
+
+
+def _with(row: Session, changes: dict[str, Any]) -> Session:
+    """``dataclasses.replace`` without its checks (the changes are fields): it runs per row ingested."""
+    new = object.__new__(Session)
+    for name in _SESSION_FIELDS:
+        _set(new, name, getattr(row, name))
+    for name, value in changes.items():
+        _set(new, name, value)
+    return new
 
 
 def _next_state(row: Session, delta: Delta) -> tuple[State | None, str]:
@@ -273,7 +289,7 @@ def _created_fields(row: Session, created: SandboxCreated) -> dict[str, Any]:
         "user_id": created.user_id,
         "template": created.template,
         "idle_timeout_s": created.idle_timeout_s,
-        "metadata": dict(created.metadata),
+        "metadata": orjson.dumps(created.metadata).decode(),
         "created_event_id": created.event_id,
         "created_event_at": created.occurred_at,
     }

@@ -2,7 +2,12 @@
 -- consumer/store.py loads them once and runs them by name.
 
 -- name: lock_sessions
-SELECT * FROM sandbox_sessions
+-- The columns the state machine reads (and metadata as JSON text, passed through).
+SELECT sandbox_id, state, last_activity, pause_due_at, project_id, user_id, template,
+       idle_timeout_s, metadata::text AS metadata, created_event_id, created_event_at, generation,
+       claimed_activity, paused_at, killed_at, keep_alive_until, retry_after, last_arrived_at,
+       resume_requested_at, attempt_id, dry_run_at
+FROM sandbox_sessions
 WHERE sandbox_id = ANY($1::text[])
 ORDER BY sandbox_id
 FOR UPDATE;
