@@ -13,7 +13,7 @@ import orjson
 
 
 def printable(text: str) -> str:
-    """``text`` with every non-printable character written as an escape (``\\x1b``, ``\\u202e``).
+    """``text`` with every non-printable character written as an escape (``\\n``, ``\\x1b``, ``\\u202e``).
 
     Python's notion of printable is used: control characters (C0, DEL, C1),
     format characters such as the bidirectional overrides, line and paragraph
@@ -31,7 +31,12 @@ def printable_bytes(data: bytes) -> str:
     return printable(data.decode("utf-8", "backslashreplace"))
 
 
+_SHORT = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
 def _escape(char: str) -> str:
+    if char in _SHORT:
+        return _SHORT[char]
     code = ord(char)
     if code < 0x100:
         return f"\\x{code:02x}"
