@@ -197,7 +197,7 @@ def dlq_replay(
         typer.echo(
             f"dropped {dropped.dropped} dead pause command(s) from {dropped.queue}, none re-sent: the"
             f" scheduler sends a new command for any sandbox still PAUSING when its lease"
-            f" ({env_name('pause_lease')}, {settings.pause_lease:g} s) runs out"
+            f" ({env_name('pause_lease')} of the scheduler) runs out"
         )
         return
     done = run_async(dead_letters.replay_events(settings, limit))
