@@ -7,6 +7,7 @@ setting or argument that cannot work, 1 for a service that is not there.
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import Coroutine
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -72,6 +73,11 @@ def run_async(work: Coroutine[Any, Any, T]) -> T:
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
+    finally:
+        # The e2b SDK's HTTP client leaves objects in reference cycles after a failed
+        # connection; collected at interpreter exit, once its runtime is gone, they abort
+        # the process (SIGABRT) about every other time. Collected here, they go quietly.
+        gc.collect()
 
 
 def show_json(data: Any) -> None:

@@ -169,3 +169,18 @@ async def test_a_dry_run_worker_and_the_built_in_emulator_make_no_check(
     assert "e2b.unreachable" not in dry.stderr
     built_in = await cli(settings, "run", "worker", "--burst", "--emulator")
     assert built_in.returncode == 0, built_in.stderr
+
+
+async def test_a_worker_that_met_an_unreachable_e2b_exits_with_its_code_not_an_abort(
+    settings: Settings,
+) -> None:
+    # the SDK's HTTP client, torn down at interpreter exit after a failed connection, aborted
+    # the process (SIGABRT) about every other time; six runs at once all exit 1
+    closed = {
+        "AUTOPAUSE_E2B_API_URL": f"http://127.0.0.1:{free_port()}",
+        "AUTOPAUSE_E2B_API_KEY": E2B_KEY,
+        "AUTOPAUSE_STARTUP_PATIENCE": "1",
+    }
+    runs = await asyncio.gather(*(cli(settings, "run", "worker", **closed) for _ in range(6)))
+    assert [done.returncode for done in runs] == [1] * 6, [done.stderr[-300:] for done in runs]
+    assert all("check AUTOPAUSE_E2B_API_URL" in done.stderr for done in runs)
