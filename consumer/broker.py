@@ -28,7 +28,7 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +56,18 @@ ROUTING_KEY_HEADER = "x-autopause-routing-key"
 OWN_HEADER_PREFIX = "x-autopause-"
 PAUSE_ROUTING_KEY = "sandbox.pause"
 PROBE_ROUTING_KEY = "autopause.probe"
+# What RabbitMQ writes on a message it dead-letters itself.
+BROKER_DEATH_HEADERS = frozenset(
+    {
+        "x-death",
+        "x-first-death-queue",
+        "x-first-death-reason",
+        "x-first-death-exchange",
+        "x-last-death-queue",
+        "x-last-death-reason",
+        "x-last-death-exchange",
+    }
+)
 
 # What "the broker or the channel went away" looks like from aio-pika and aiormq.
 _UNAVAILABLE = (
@@ -451,13 +463,23 @@ class Consumer:
         self._redelivered.clear()
 
 
-def _dead_letter_message(item: DeadLetter) -> aio_pika.Message:
-    """The message as it came, with our reason; headers named like ours are never the producer's."""
-    headers = {
+def producer_headers(headers: dict[str, Any]) -> dict[str, Any]:
+    """The headers a producer may set: neither ours (``x-autopause-*``) nor the broker's death record.
+
+    A producer can send either kind; kept, they would pass for the real thing
+    once the message is a dead letter. So our dead letters never carry an
+    ``x-death``, and one that does was made by RabbitMQ.
+    """
+    return {
         key: _portable(value)
-        for key, value in item.delivery.headers.items()
-        if not str(key).lower().startswith(OWN_HEADER_PREFIX)
+        for key, value in headers.items()
+        if not str(key).lower().startswith(OWN_HEADER_PREFIX) and str(key).lower() not in BROKER_DEATH_HEADERS
     }
+
+
+def _dead_letter_message(item: DeadLetter) -> aio_pika.Message:
+    """The message as it came, with our reason and without headers that could pass for ours."""
+    headers = producer_headers(item.delivery.headers)
     headers[REASON_HEADER] = item.reason
     headers[DETAIL_HEADER] = item.detail
     headers[ROUTING_KEY_HEADER] = item.delivery.routing_key
@@ -506,6 +528,16 @@ class Publisher:
         if not self._channel.is_closed:
             with contextlib.suppress(*_UNAVAILABLE):
                 await self._channel.close()
+
+
+@contextlib.asynccontextmanager
+async def connected(settings: Settings, role: str) -> AsyncIterator[Broker]:
+    """A connection for one command, closed afterwards; it declares nothing."""
+    opened = await Broker.connect(settings, role)
+    try:
+        yield opened
+    finally:
+        await opened.close()
 
 
 class Broker:

@@ -1,24 +1,27 @@
-"""The ``autopause`` command line (twin: ``python -m consumer``).
+"""The ``autopause`` command line (twin: ``python -m consumer``): it parses and prints, nothing more.
 
-Every flag has an environment twin, shown in ``--help``; flags win over the
-environment. Errors are one line on stderr and a non-zero exit code: 2 for a
-setting or argument that cannot work, 1 for a service that is not there.
+The service's commands are here, the operator's in :mod:`consumer.cli_operator`;
+what they do is in :mod:`consumer.runner` (the roles), :mod:`consumer.operations`
+and :mod:`consumer.dead_letters`. Every flag has an environment twin, shown in
+``--help``; flags win over the environment. Errors are one line on stderr and a
+non-zero exit code: 2 for a setting or argument that cannot work, 1 for a
+service that is not there.
 """
 
 from __future__ import annotations
 
-import asyncio
 import sys
-from collections.abc import Coroutine
 from enum import StrEnum
-from typing import Annotated, Any, TypeVar
+from typing import Annotated
 
 import typer
 
-from consumer.errors import AutopauseError, ConfigError
-from consumer.settings import ENV_PREFIX, Settings, env_name, load_settings
+# typer vendors click (typer >= 0.29): these are the errors of a refused command line.
+from typer._click.exceptions import NoArgsIsHelpError, UsageError
 
-T = TypeVar("T")
+from consumer import cli_operator
+from consumer.cli_options import env_option, opt, run_async, settings_or_exit, show_json
+from consumer.errors import AutopauseError
 
 app = typer.Typer(
     help="autopause: pauses idle E2B sandboxes, never one in use.",
@@ -27,56 +30,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-
-
-def opt(field: str, help_text: str | None = None, **extra: Any) -> Any:
-    """A typer option bound to a setting: its environment twin and its help come from Settings."""
-    info = Settings.model_fields[field]
-    return typer.Option(
-        envvar=env_name(field),
-        show_envvar=True,
-        help=help_text or info.description,
-        show_default=False,
-        **extra,
-    )
-
-
-def env_option(name: str, help_text: str, *decls: str, **extra: Any) -> Any:
-    """An option outside Settings, still with its AUTOPAUSE_ environment twin."""
-    return typer.Option(*decls, envvar=ENV_PREFIX + name, show_envvar=True, help=help_text, **extra)
-
-
-def settings_from(ctx: typer.Context, **overrides: Any) -> Settings:
-    """Settings from the environment, the global options and this command's options."""
-    merged = dict(ctx.obj or {})
-    merged.update(overrides)
-    return load_settings(**merged)
-
-
-def run_async(work: Coroutine[Any, Any, T]) -> T:
-    """Run a coroutine; an autopause error becomes one line and an exit code."""
-    try:
-        return asyncio.run(work)
-    except ConfigError as exc:
-        typer.echo(f"autopause: {exc}", err=True)
-        raise typer.Exit(2) from None
-    except AutopauseError as exc:
-        typer.echo(f"autopause: {exc}", err=True)
-        raise typer.Exit(1) from None
-    except KeyboardInterrupt:
-        raise typer.Exit(130) from None
-
-
-def settings_or_exit(ctx: typer.Context, **overrides: Any) -> Settings:
-    try:
-        settings = settings_from(ctx, **overrides)
-    except ConfigError as exc:
-        typer.echo(f"autopause: {exc}", err=True)
-        raise typer.Exit(2) from None
-    from consumer import logs
-
-    logs.configure(settings)
-    return settings
 
 
 @app.callback()
@@ -135,8 +88,13 @@ def run(
     e2b_api_url: Annotated[str | None, opt("e2b_api_url")] = None,
     pause_mode: Annotated[str | None, opt("pause_mode")] = None,
     metrics_port: Annotated[int | None, opt("metrics_port")] = None,
+    startup_patience: Annotated[float | None, opt("startup_patience")] = None,
 ) -> None:
-    """Run a role (ingest, scheduler, worker) or all of them in one process."""
+    """Run a role (ingest, scheduler, worker) or all of them in one process.
+
+    A worker checks its E2B key with one read at start: a refused key exits 2,
+    an E2B API it cannot reach within the start-up patience exits 1.
+    """
     settings = settings_or_exit(
         ctx,
         emulator=emulator,
@@ -153,6 +111,7 @@ def run(
         e2b_api_url=e2b_api_url,
         pause_mode=pause_mode,
         metrics_port=metrics_port,
+        startup_patience=startup_patience,
     )
     from consumer import runner
 
@@ -165,17 +124,9 @@ def run(
 def migrate(ctx: typer.Context) -> None:
     """Apply pending database migrations (safe to run from several replicas at once)."""
     settings = settings_or_exit(ctx)
+    from consumer import operations
 
-    async def work() -> list[int]:
-        from consumer.store import Store
-
-        store = await Store.connect(settings.database_url.get_secret_value(), settings.database_schema)
-        try:
-            return await store.migrate()
-        finally:
-            await store.close()
-
-    applied = run_async(work())
+    applied = run_async(operations.migrate(settings))
     typer.echo(f"applied migrations: {', '.join(map(str, applied))}" if applied else "database is up to date")
 
 
@@ -196,7 +147,7 @@ def reconcile(
 
     if once or report_only:
         outcome = run_async(reconcile_once(settings, dry_run=report_only))
-        typer.echo(_json(vars(outcome)))
+        show_json(vars(outcome))
         raise typer.Exit(1 if outcome.error else 0)
     raise typer.Exit(run_async(reconcile_forever(settings)))
 
@@ -233,152 +184,9 @@ def emulator(
         raise typer.Exit(1) from None
 
 
-def main() -> None:
-    """Console-script entry point."""
-    try:
-        app()
-    except AutopauseError as exc:  # pragma: no cover - commands catch their own
-        print(f"autopause: {exc}", file=sys.stderr)
-        sys.exit(1)
-
-
-# operator commands ---------------------------------------------------------
-
-sessions_app = typer.Typer(help="Inspect and steer sessions.", no_args_is_help=True)
-dlq_app = typer.Typer(help="Dead letters: look at them, replay them after a fix.", no_args_is_help=True)
-app.add_typer(sessions_app, name="sessions")
-app.add_typer(dlq_app, name="dlq")
-
-JsonFlag = Annotated[bool, typer.Option("--json", help="print JSON instead of a table")]
-
-
-def _json(data: Any) -> str:
-    import orjson
-
-    return orjson.dumps(data, default=str, option=orjson.OPT_INDENT_2).decode()
-
-
-@app.command()
-def status(ctx: typer.Context, as_json: JsonFlag = False) -> None:
-    """Sessions by state, queues and consumers, the last tick, recent pauses, savings."""
-    settings = settings_or_exit(ctx)
-    from consumer import operations, views
-
-    report = run_async(operations.status(settings))
-    typer.echo(_json(report) if as_json else views.status(report))
-
-
-@sessions_app.command("list")
-def sessions_list(
-    ctx: typer.Context,
-    project: Annotated[str | None, typer.Option(help="only this project")] = None,
-    user: Annotated[str | None, typer.Option(help="only this user")] = None,
-    state: Annotated[str | None, typer.Option(help="RUNNING, PAUSING, PAUSED, KILLED or EXPIRED")] = None,
-    idle: Annotated[str | None, typer.Option(help="idle longer than, e.g. 15m, 2h")] = None,
-    limit: Annotated[int, typer.Option(min=1, max=100_000, help="most rows shown")] = 100,
-    as_json: JsonFlag = False,
-) -> None:
-    """List sessions, least recently active first."""
-    settings = settings_or_exit(ctx)
-    from consumer import operations, views
-    from consumer.timing import parse_duration
-
-    idle_for = _duration(idle, parse_duration) if idle else None
-    rows = run_async(
-        operations.list_sessions(
-            settings,
-            project=project,
-            user=user,
-            state=state,
-            idle_longer_than=idle_for,
-            limit=limit,
-        )
-    )
-    typer.echo(_json(rows) if as_json else views.sessions(rows))
-
-
-@sessions_app.command("show")
-def sessions_show(
-    ctx: typer.Context,
-    sandbox: Annotated[str, typer.Argument(help="sandbox id")],
-    as_json: JsonFlag = False,
-) -> None:
-    """One session and its transition history."""
-    settings = settings_or_exit(ctx)
-    from consumer import operations, views
-
-    row, history = run_async(operations.show_session(settings, sandbox))
-    typer.echo(_json({"session": row, "transitions": history}) if as_json else views.session(row, history))
-
-
-@sessions_app.command("pause")
-def sessions_pause(ctx: typer.Context, sandbox: Annotated[str, typer.Argument(help="sandbox id")]) -> None:
-    """Make a RUNNING sandbox due now: the next tick claims and pauses it, through the freshness gate."""
-    settings = settings_or_exit(ctx)
-    from consumer import operations
-
-    run_async(operations.pause_now(settings, sandbox))
-    typer.echo(f"{sandbox} is due: the next tick claims it, once ingest vouches that it is idle")
-
-
-@sessions_app.command("keep-alive")
-def sessions_keep_alive(
-    ctx: typer.Context,
-    sandbox: Annotated[str, typer.Argument(help="sandbox id")],
-    duration: Annotated[str, typer.Option("--for", help="how long, e.g. 30m, 2h, 1d")],
-) -> None:
-    """Never pause this sandbox before now + DURATION (a pending pause is cancelled)."""
-    settings = settings_or_exit(ctx)
-    from consumer import operations
-    from consumer.timing import parse_duration
-
-    state, until = run_async(operations.keep_alive(settings, sandbox, _duration(duration, parse_duration)))
-    typer.echo(f"{sandbox} ({state}) will not be paused before {until:%Y-%m-%d %H:%M:%S} UTC")
-
-
-def _duration(text: str, parse: Any) -> Any:
-    try:
-        return parse(text)
-    except ConfigError as exc:
-        typer.echo(f"autopause: {exc}", err=True)
-        raise typer.Exit(2) from None
-
-
-QueueOpt = Annotated[str, typer.Option("--queue", help="events or pause")]
-
-
-@dlq_app.command("list")
-def dlq_list(
-    ctx: typer.Context,
-    queue: QueueOpt = "events",
-    limit: Annotated[int, typer.Option(min=1, max=10_000, help="most messages shown")] = 50,
-    as_json: JsonFlag = False,
-) -> None:
-    """Show dead letters with their reasons; they stay in the queue."""
-    settings = settings_or_exit(ctx)
-    from consumer import operations, views
-
-    letters = run_async(operations.dlq_list(settings, queue, limit))
-    if as_json:
-        typer.echo(
-            _json([{**letter.__dict__, "body": letter.body.decode("utf-8", "replace")} for letter in letters])
-        )
-    else:
-        typer.echo(views.dead_letters(letters))
-
-
-@dlq_app.command("replay")
-def dlq_replay(
-    ctx: typer.Context,
-    queue: QueueOpt = "events",
-    limit: Annotated[int, typer.Option(min=1, help="most messages replayed")] = 1_000_000,
-) -> None:
-    """Publish dead letters back where they came from, after the producer or the service was fixed."""
-    settings = settings_or_exit(ctx)
-    from consumer import operations
-
-    count = run_async(operations.dlq_replay(settings, queue, limit))
-    typer.echo(f"replayed {count} message(s) from the {queue} dead-letter queue")
+app.command()(cli_operator.status)
+app.add_typer(cli_operator.sessions_app, name="sessions")
+app.add_typer(cli_operator.dlq_app, name="dlq")
 
 
 @app.command()
@@ -425,28 +233,33 @@ def generate(
 ) -> None:
     """Publish the events of simulated users to sandbox.events (needs only publish rights there)."""
     settings = settings_or_exit(ctx)
-    from consumer.traffic import Plan, Traffic
+    from consumer import operations
 
-    async def work() -> int:
-        import signal
-
-        from consumer import broker
-
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        if duration:
-            loop.call_later(duration, stop.set)
-        connection = (await broker.Broker.connect(settings, "generator")).connection
-        async with connection:
-            channel = await connection.channel(publisher_confirms=True)
-            exchange = await channel.get_exchange(
-                broker.Names(settings.topology_prefix).events_exchange, ensure=False
-            )
-            traffic = Traffic(exchange, users, Plan(idle_timeout), idle_share=idle_share)
-            await traffic.run(stop)
-            return traffic.published
-
-    published = run_async(work())
+    published = run_async(
+        operations.generate(
+            settings, users=users, duration=duration, idle_share=idle_share, idle_timeout=idle_timeout
+        )
+    )
     typer.echo(f"published {published} events")
+
+
+def main(args: list[str] | None = None) -> None:
+    """Console-script entry point: a refused command line is one line on stderr and exit 2."""
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(args=args, prog_name="autopause", standalone_mode=False)
+    except NoArgsIsHelpError as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except UsageError as exc:
+        where = exc.ctx.command_path if exc.ctx is not None else "autopause"
+        text = " ".join(exc.format_message().replace("Value error, ", "").split())
+        print(f"{where}: {text} (see {where} --help)", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        print("autopause: aborted", file=sys.stderr)
+        sys.exit(1)
+    except AutopauseError as exc:  # pragma: no cover - commands catch their own
+        print(f"autopause: {exc}", file=sys.stderr)
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)

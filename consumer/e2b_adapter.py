@@ -112,6 +112,38 @@ class E2BError(AutopauseError):
         self.retryable = retryable
 
 
+class Access(StrEnum):
+    """What one authenticated call says of the key and the URL a worker was given."""
+
+    OK = "ok"
+    BAD_KEY = "bad_key"  # 401 or 403
+    UNREACHABLE = "unreachable"  # no connection: no such host, refused, connect timeout
+    NOT_E2B = "not_e2b"  # an answer, but not the E2B API's (404 and the like)
+    UNSURE = "unsure"  # 429, 5xx or no answer in time: the key may be right or wrong
+
+
+@dataclass(frozen=True)
+class AccessCheck:
+    access: Access
+    error: str | None = None
+
+
+def access_of(exc: BaseException) -> Access:
+    """Map an exception from the access check to what it says of the key and URL."""
+    if isinstance(exc, AuthenticationException):
+        return Access.BAD_KEY
+    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | ConnectionRefusedError):
+        return Access.UNREACHABLE
+    status = (exc.status_code or 0) if isinstance(exc, SandboxException) else 0
+    if status == 403:
+        return Access.BAD_KEY
+    if classify(exc) is CallOutcome.RETRYABLE:
+        return Access.UNSURE
+    if 400 <= status < 500:
+        return Access.NOT_E2B
+    return Access.UNSURE
+
+
 class E2BClient:
     """Pause, resume, kill and inspect sandboxes through the e2b SDK."""
 
@@ -139,6 +171,21 @@ class E2BClient:
             "retries": 0,
             "debug": False,
         }
+
+    async def check_access(self) -> AccessCheck:
+        """One cheap authenticated call: the first page of the sandbox list, one item long.
+
+        It reads, changes nothing, and is the smallest request of the API that
+        needs the key (``GET /v2/sandboxes?limit=1``).
+        """
+        if not self._api_key:
+            return AccessCheck(Access.BAD_KEY, "no E2B API key configured")
+        try:
+            async with asyncio.timeout(self._timeout + 1):
+                await AsyncSandbox.list(limit=1, **self._opts).next_items()
+        except Exception as exc:
+            return AccessCheck(access_of(exc), self._describe(exc))
+        return AccessCheck(Access.OK)
 
     async def pause(self, sandbox_id: str) -> CallResult:
         """Pause ``sandbox_id``; every API answer becomes a result, none raises."""

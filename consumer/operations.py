@@ -1,52 +1,62 @@
-"""What the operator commands do: status, sessions, manual pause, keep-alive, dead letters.
+"""What the commands other than the roles do: migrate, status, sessions, generate.
 
 Each function opens what it needs from ``Settings``, does one job and returns
-plain data; ``cli.py`` only formats it.
+plain data; ``cli.py`` only parses arguments and prints. Dead letters are in
+:mod:`consumer.dead_letters`.
+
+Only ``migrate`` (and every role at start) changes the schema, and nothing here
+declares the broker's topology: an operator's command against a database that
+was never migrated says so instead of making the tables, and one against a
+broker without the queues says which queue is missing.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import aio_pika
-from aio_pika.abc import AbstractChannel
-
-from consumer import broker
-from consumer.broker import Broker, translated
+from consumer.broker import Broker, Names, connected, translated
+from consumer.dead_letters import DeadLetterQueue, count_reasons
+from consumer.e2b_adapter import CallOutcome, E2BClient, E2BError
 from consumer.errors import ConfigError, NotFound
-from consumer.settings import Settings
+from consumer.migrate import bundled_migrations
+from consumer.settings import Settings, env_name
+from consumer.state import State
 from consumer.store import Prices, Store
 
-# The most dead letters ``status`` reads to break them down by reason.
-DEAD_LETTERS_READ = 1000
+_RUN_MIGRATE = "run `autopause migrate`"
 
 
-@contextlib.asynccontextmanager
-async def open_store(settings: Settings) -> AsyncIterator[Store]:
+async def migrate(settings: Settings) -> list[int]:
+    """Apply the pending migrations; the versions applied (safe from several replicas at once)."""
     store = await Store.connect(settings.database_url.get_secret_value(), settings.database_schema, size=2)
     try:
-        await store.migrate()
-        yield store
+        return await store.migrate()
     finally:
         await store.close()
 
 
 @contextlib.asynccontextmanager
-async def open_broker(settings: Settings) -> AsyncIterator[tuple[Broker, AbstractChannel]]:
-    """The broker, with its topology declared, and a channel with confirms for reading dead letters."""
-    opened = await Broker.connect(settings, "cli")
+async def open_store(settings: Settings) -> AsyncIterator[Store]:
+    """The store of a schema that is migrated; NotFound, naming the schema, when it is not."""
+    store = await Store.connect(settings.database_url.get_secret_value(), settings.database_schema, size=2)
     try:
-        if settings.declare_topology:
-            await opened.declare_topology()
-        with translated("opening a channel"):
-            channel = await opened.connection.channel(publisher_confirms=True)
-        yield opened, channel
+        applied = await store.applied_migrations()
+        schema = settings.database_schema
+        if applied is None:
+            raise NotFound(f"the schema {schema} has no autopause tables; {_RUN_MIGRATE}")
+        missing = sorted({m.version for m in bundled_migrations()} - set(applied))
+        if missing:
+            versions = ", ".join(map(str, missing))
+            raise NotFound(f"the schema {schema} lacks migration {versions}; {_RUN_MIGRATE}")
+        yield store
     finally:
-        await opened.close()
+        await store.close()
 
 
 def prices(settings: Settings) -> Prices:
@@ -68,21 +78,18 @@ def default_size_price(settings: Settings) -> float:
 
 
 async def status(settings: Settings) -> dict[str, Any]:
-    """Sessions by state, queues, the last tick, recent pauses and the estimated savings."""
-    names = broker.Names(settings.topology_prefix)
+    """Sessions by state, queues, the last tick, recent pauses and the estimated savings.
+
+    A queue that does not exist is reported as null, not as an error: status
+    is what an operator runs first, also on a deployment half set up.
+    """
     async with open_store(settings) as store:
         by_state = await store.count_by_state()
         tick = await store.last_tick()
         recent = await store.transitions_since(3600)
         paused_seconds, saved = await store.paused_usage(prices(settings))
-    queues: dict[str, dict[str, int]] = {}
-    dead: dict[str, dict[str, int]] = {}
-    async with open_broker(settings) as (opened, _):
-        for queue in (names.events_queue, names.pause_queue, names.events_dlq, names.pause_dlq):
-            state = await opened.queue_state(queue)
-            queues[queue] = {"messages": state.ready, "consumers": state.consumers}
-        for which in ("events", "pause"):
-            dead[which] = await _reasons(opened, _dlq_name(settings, which))
+    async with connected(settings, "cli") as opened:
+        queues, dead = await _queues(opened)
     last_tick = None
     if tick is not None:
         last_tick = {
@@ -111,28 +118,40 @@ async def status(settings: Settings) -> dict[str, Any]:
     }
 
 
+async def _queues(
+    opened: Broker,
+) -> tuple[dict[str, dict[str, int] | None], dict[str, dict[str, int] | None]]:
+    names = opened.names
+    queues: dict[str, dict[str, int] | None] = {}
+    for queue in (names.events_queue, names.pause_queue, names.events_dlq, names.pause_dlq):
+        try:
+            state = await opened.queue_state(queue)
+        except NotFound:
+            queues[queue] = None
+            continue
+        queues[queue] = {"messages": state.ready, "consumers": state.consumers}
+    dead: dict[str, dict[str, int] | None] = {}
+    for which in DeadLetterQueue:
+        queue = which.queue(names)
+        dead[which.value] = await count_reasons(opened, queue) if queues[queue] is not None else None
+    return queues, dead
+
+
 async def list_sessions(
     settings: Settings,
     *,
     project: str | None,
     user: str | None,
-    state: str | None,
+    state: State | None,
     idle_longer_than: timedelta | None,
     limit: int,
 ) -> list[dict[str, Any]]:
-    if state is not None and state.upper() not in {
-        "RUNNING",
-        "PAUSING",
-        "PAUSED",
-        "KILLED",
-        "EXPIRED",
-    }:
-        raise ConfigError(f"unknown state {state!r}: use RUNNING, PAUSING, PAUSED, KILLED or EXPIRED")
+    """Sessions matching every filter given, least recently active first."""
     async with open_store(settings) as store:
         rows = await store.list_sessions(
             project=project,
             user=user,
-            state=state.upper() if state else None,
+            state=state.value if state else None,
             idle_longer_than=idle_longer_than.total_seconds() if idle_longer_than else None,
             limit=limit,
         )
@@ -140,6 +159,7 @@ async def list_sessions(
 
 
 async def show_session(settings: Settings, sandbox_id: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """One session and its transitions, oldest first."""
     async with open_store(settings) as store:
         row = await store.get_session(sandbox_id)
         if row is None:
@@ -159,6 +179,7 @@ async def pause_now(settings: Settings, sandbox_id: str) -> None:
 
 
 async def keep_alive(settings: Settings, sandbox_id: str, duration: timedelta) -> tuple[str, datetime]:
+    """Never pause ``sandbox_id`` before now + ``duration``; its state and that time."""
     until = datetime.now(UTC) + duration
     async with open_store(settings) as store:
         state = await store.keep_alive(sandbox_id, until)
@@ -168,101 +189,75 @@ async def keep_alive(settings: Settings, sandbox_id: str, duration: timedelta) -
 
 
 @dataclass(frozen=True)
-class DeadLetter:
-    routing_key: str
-    reason: str
-    detail: str
-    body: bytes
+class Resumed:
+    """An operator's resume: E2B runs the sandbox; where its row is now."""
+
+    sandbox_id: str
+    recorded: bool  # False: the row left PAUSED during the call, and stays where it went
+    state: str
+    pause_due_at: datetime | None
+    lifetime_s: int
 
 
-def _dlq_name(settings: Settings, which: str) -> str:
-    names = broker.Names(settings.topology_prefix)
-    if which not in ("events", "pause"):
-        raise ConfigError("the dead-letter queue is 'events' or 'pause'")
-    return names.events_dlq if which == "events" else names.pause_dlq
+async def resume_session(settings: Settings, sandbox_id: str) -> Resumed:
+    """Resume a PAUSED sandbox through E2B and record it: PAUSED -> RUNNING, with a fresh deadline.
 
-
-def dead_letter_reason(headers: dict[str, Any]) -> str:
-    """Why a message was dead-lettered. Pure.
-
-    autopause always sets its reason header on what it dead-letters itself; a
-    dead letter without it was made by the broker, most often because the
-    message came back more than ``x-delivery-limit`` times (a consumer that kept
-    crashing on it): that is reported as "delivery limit".
+    The row is read first and written by a compare-and-set on its state and
+    generation, so a row that moved during the call (activity, a kill) is left
+    where it went. When E2B no longer has the sandbox, the row becomes KILLED
+    (``gone``) and the command fails.
     """
-    reason = headers.get(broker.REASON_HEADER)
-    if reason:
-        return str(reason)
-    deaths = headers.get("x-death")
-    if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict):
-        why = str(deaths[0].get("reason", ""))
-        return "delivery limit" if why == "delivery_limit" else f"broker: {why}"
-    return "unknown"
-
-
-async def _reasons(opened: Broker, queue: str) -> dict[str, int]:
-    """Dead letters of ``queue`` by reason, from the first DEAD_LETTERS_READ (left in place)."""
-    counts: dict[str, int] = {}
-    with translated(f"reading {queue}"):
-        channel = await opened.connection.channel()
-        try:
-            source = await channel.get_queue(queue)
-            for _ in range(DEAD_LETTERS_READ):
-                msg = await source.get(fail=False)
-                if msg is None:
-                    break
-                reason = dead_letter_reason(dict(msg.headers or {}))
-                counts[reason] = counts.get(reason, 0) + 1
-        finally:
-            await channel.close()  # what was read goes back, unacked
-    return counts
-
-
-def _dead_letter(msg: aio_pika.abc.AbstractIncomingMessage) -> DeadLetter:
-    headers = msg.headers or {}
-    deaths = headers.get("x-death")
-    original = str(headers.get(broker.ROUTING_KEY_HEADER, "") or "")
-    reason = dead_letter_reason(dict(headers))
-    if not original and isinstance(deaths, list) and deaths:
-        first = deaths[0]
-        if isinstance(first, dict):
-            keys = first.get("routing-keys")
-            original = str(keys[0]) if isinstance(keys, list) and keys else ""
-    return DeadLetter(
-        original or msg.routing_key or "",
-        reason,
-        str(headers.get(broker.DETAIL_HEADER, "") or ""),
-        msg.body,
+    key = settings.e2b_key
+    if not key:
+        raise ConfigError(
+            f"sessions resume calls E2B: set {env_name('e2b_api_key')} (or E2B_API_KEY),"
+            f" and {env_name('e2b_api_url')} unless it is E2B's own"
+        )
+    client = E2BClient(
+        api_key=key, api_url=settings.e2b_api_url, request_timeout=settings.e2b_request_timeout
     )
+    async with open_store(settings) as store:
+        row = await store.get_session(sandbox_id)
+        if row is None:
+            raise NotFound(f"no session for sandbox {sandbox_id!r}")
+        if row["state"] != State.PAUSED:
+            raise ConfigError(f"sandbox {sandbox_id} is {row['state']}: only a PAUSED sandbox can be resumed")
+        result = await client.resume(sandbox_id, settings.resume_timeout)
+        if result.outcome is CallOutcome.GONE:
+            gone = await store.gone_by_operator(sandbox_id, row["generation"])
+            where = "is now KILLED (gone)" if gone.moved else f"had moved to {gone.state} meanwhile"
+            raise NotFound(f"E2B has no sandbox {sandbox_id} any more; its session {where}")
+        if result.outcome is not CallOutcome.OK:
+            retryable = result.outcome is CallOutcome.RETRYABLE
+            hint = (
+                "try again later"
+                if retryable
+                else f"check {env_name('e2b_api_key')} and {env_name('e2b_api_url')}"
+            )
+            raise E2BError(f"E2B did not resume {sandbox_id}: {result.error} ({hint})", retryable=retryable)
+        done = await store.resume_by_operator(sandbox_id, row["generation"], settings.default_idle_timeout)
+    state = done.state.value if done.state else "unknown"
+    return Resumed(sandbox_id, done.moved, state, done.pause_due_at, settings.resume_timeout)
 
 
-async def dlq_list(settings: Settings, which: str, limit: int) -> list[DeadLetter]:
-    """Read dead letters without removing them (they are requeued when the channel closes)."""
-    queue_name = _dlq_name(settings, which)
-    found: list[DeadLetter] = []
-    async with open_broker(settings) as (opened, _):
-        with translated(f"reading {queue_name}"):
-            channel = await opened.connection.channel()
-            queue = await channel.get_queue(queue_name)
-            while len(found) < limit and (msg := await queue.get(fail=False)) is not None:
-                found.append(_dead_letter(msg))
-            await channel.close()
-    return found
+async def generate(
+    settings: Settings, *, users: int, duration: float, idle_share: float, idle_timeout: float
+) -> int:
+    """Publish simulated users' events until ``duration`` (0: a signal); the number published."""
+    from consumer.traffic import Plan, Traffic
 
-
-async def dlq_replay(settings: Settings, which: str, limit: int) -> int:
-    """Publish dead letters back to their exchange (after a fix); each is removed once confirmed."""
-    names = broker.Names(settings.topology_prefix)
-    queue_name = _dlq_name(settings, which)
-    target = names.events_exchange if which == "events" else names.commands_exchange
-    replayed = 0
-    async with open_broker(settings) as (_, channel):
-        exchange = await channel.get_exchange(target)
-        queue = await channel.get_queue(queue_name)
-        while replayed < limit and (msg := await queue.get(fail=False)) is not None:
-            letter = _dead_letter(msg)
-            key = letter.routing_key or ("sandbox.pause" if which == "pause" else "sandbox.activity")
-            await exchange.publish(broker.message(letter.body, message_id=msg.message_id), routing_key=key)
-            await msg.ack()
-            replayed += 1
-    return replayed
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if duration:
+        loop.call_later(duration, stop.set)
+    async with connected(settings, "generator") as opened:
+        with translated("opening a channel to publish events"):
+            channel = await opened.connection.channel(publisher_confirms=True)
+            exchange = await channel.get_exchange(
+                Names(settings.topology_prefix).events_exchange, ensure=False
+            )
+        traffic = Traffic(exchange, users, Plan(idle_timeout), idle_share=idle_share)
+        await traffic.run(stop)
+        return traffic.published

@@ -1,4 +1,4 @@
-"""Process lifecycle: connect, migrate, start the roles and the health server, stop on a signal.
+"""Process lifecycle: check E2B, connect, migrate, start the roles and the health server, stop on a signal.
 
 Failure policy of the background tasks: a role that ends with an exception
 stops the whole process with exit code 1, for the supervisor to restart it;
@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING, TypeVar
 
 from consumer import health
 from consumer.broker import Broker
-from consumer.e2b_adapter import E2BClient
-from consumer.errors import ConfigError
+from consumer.e2b_adapter import DEFAULT_API_URL, Access, AccessCheck, E2BClient, E2BError
+from consumer.errors import AutopauseError, ConfigError
 from consumer.ratelimit import TokenBucket
-from consumer.retrying import retrying
-from consumer.settings import PauseMode, Settings
+from consumer.retrying import retrying, sleep_or_stop
+from consumer.settings import PauseMode, Settings, env_name
 from consumer.store import Store
 
 if TYPE_CHECKING:
@@ -33,7 +33,6 @@ log = logging.getLogger(__name__)
 ROLES = ("ingest", "scheduler", "worker")
 # the key the built-in emulator is started with (it checks that a key is sent, not which)
 EMULATOR_KEY = "e2b_emulator"
-STARTUP_PATIENCE = 30.0
 T = TypeVar("T")
 
 
@@ -48,9 +47,9 @@ class Services:
     e2b_url: str | None
 
 
-async def _retry(what: str, attempt: Callable[[], Awaitable[T]], stop: asyncio.Event) -> T:
+async def _retry(what: str, attempt: Callable[[], Awaitable[T]], stop: asyncio.Event, patience: float) -> T:
     """Retry a start-up connection for a while: services in compose start in any order."""
-    deadline = time.monotonic() + STARTUP_PATIENCE
+    deadline = time.monotonic() + patience
     return await retrying(
         what, attempt, stop, role="startup", deadline=deadline, first_delay=0.5, max_delay=5
     )
@@ -79,6 +78,72 @@ def check_e2b(settings: Settings, roles: set[str]) -> None:
         )
 
 
+def access_problem(check: AccessCheck, url: str) -> AutopauseError | None:
+    """Pure: what a worker's start-up call to E2B means for the start; None: go on.
+
+    A refused key is a setting that cannot work (exit 2). An API that cannot
+    be reached, or a URL that does not answer as E2B's, is a service that is not
+    there (exit 1), for the supervisor to try again. Other answers (429, 5xx,
+    a slow one) cannot tell a good key from a bad one: the worker starts, and
+    its pauses retry as they always do.
+    """
+    key, where = env_name("e2b_api_key"), env_name("e2b_api_url")
+    match check.access:
+        case Access.BAD_KEY:
+            return ConfigError(
+                f"E2B at {url} refused the API key ({check.error}): check {key} (or E2B_API_KEY)"
+            )
+        case Access.UNREACHABLE:
+            return E2BError(
+                f"cannot reach the E2B API at {url} ({check.error}): check {where}", retryable=True
+            )
+        case Access.NOT_E2B:
+            return E2BError(
+                f"{url} does not answer as the E2B API ({check.error}): check {where}", retryable=False
+            )
+    return None
+
+
+async def verify_e2b(settings: Settings, roles: set[str], stop: asyncio.Event) -> bool:
+    """A worker's one cheap authenticated call at start, so that a wrong key or URL stops it at once.
+
+    An unreachable API is tried again for ``startup_patience`` seconds. Not made
+    in dry run (which calls nothing) nor with the built-in emulator. False when
+    ``stop`` was set meanwhile.
+    """
+    if "worker" not in roles or settings.dry_run or settings.emulator:
+        return True
+    client = E2BClient(
+        api_key=settings.e2b_key or "",
+        api_url=settings.e2b_api_url,
+        request_timeout=settings.e2b_request_timeout,
+    )
+    url = settings.e2b_api_url or DEFAULT_API_URL
+    deadline = time.monotonic() + settings.startup_patience
+    delay = 0.5
+    while (check := await client.check_access()).access is Access.UNREACHABLE:
+        if time.monotonic() + delay > deadline:
+            break
+        log.warning(
+            "E2B API unreachable, retrying",
+            extra={"action": "e2b.unreachable", "url": url, "error": check.error, "retry_in": delay},
+        )
+        if await sleep_or_stop(stop, delay):
+            return False
+        delay = min(delay * 2, 5.0)
+    problem = access_problem(check, url)
+    if problem is not None:
+        raise problem
+    if check.access is Access.UNSURE:
+        log.warning(
+            "E2B did not confirm the API key at start; starting all the same",
+            extra={"action": "e2b.unconfirmed", "url": url, "error": check.error},
+        )
+    else:
+        log.info("E2B accepts the API key", extra={"action": "e2b.ready", "url": url})
+    return True
+
+
 async def run(
     settings: Settings,
     roles: set[str],
@@ -94,8 +159,11 @@ async def run(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+    if not await verify_e2b(settings, roles, stop):
+        return 0
 
     state = health.Health()
+    patience = settings.startup_patience
     store = await _retry(
         "PostgreSQL",
         lambda: Store.connect(
@@ -104,15 +172,17 @@ async def run(
             size=settings.db_pool_size,
         ),
         stop,
+        patience,
     )
     emulator: Emulator | None = None
     runner = None
     broker: Broker | None = None
     try:
-        await _retry("PostgreSQL", store.migrate, stop)
-        broker = await _retry("RabbitMQ", lambda: Broker.connect(settings, "+".join(sorted(roles))), stop)
+        await _retry("PostgreSQL", store.migrate, stop, patience)
+        name = "+".join(sorted(roles))
+        broker = await _retry("RabbitMQ", lambda: Broker.connect(settings, name), stop, patience)
         if settings.declare_topology:
-            await _retry("RabbitMQ", broker.declare_topology, stop)
+            await _retry("RabbitMQ", broker.declare_topology, stop, patience)
         e2b_url = settings.e2b_api_url
         if settings.emulator and "worker" in roles:
             from e2b_emulator import Emulator

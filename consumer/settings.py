@@ -278,6 +278,14 @@ class Settings(BaseSettings):
     def e2b_key(self) -> str | None:
         return self.e2b_api_key.get_secret_value() if self.e2b_api_key else None
 
+    # start-up
+    startup_patience: Positive = Field(
+        30,
+        le=600,
+        description="seconds a process retries PostgreSQL, RabbitMQ and (a worker) the E2B API at start"
+        " before it gives up: compose starts services in any order",
+    )
+
 
 def parse_scope(text: str) -> dict[str, str]:
     """``app=builder,team=x`` -> {"app": "builder", "team": "x"}; raises ValueError when malformed."""

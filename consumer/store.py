@@ -622,6 +622,37 @@ class Store:
             [s.end_at for s in sandboxes],
         )
 
+    # operator commands that must not change the schema, and operator resumes
+
+    async def applied_migrations(self) -> list[int] | None:
+        """The migration versions applied to the schema; None when it has no autopause tables."""
+        if not await self._val("schema_migrated", self.schema):
+            return None
+        return [r["version"] for r in await self._rows("applied_migrations")]
+
+    async def resume_by_operator(self, sandbox_id: str, generation: int, default_timeout_s: float) -> Moved:
+        """PAUSED -> RUNNING after an operator's resume, if the row is still the one read before it."""
+        row = await self._row("resume_by_operator", sandbox_id, generation, default_timeout_s)
+        if row is None:
+            return Moved(False, None)
+        return Moved(bool(row["moved"]), State(row["state"]), row["pause_due_at"])
+
+    async def gone_by_operator(self, sandbox_id: str, generation: int) -> Moved:
+        """PAUSED -> KILLED (gone) when E2B no longer has the sandbox an operator resumed."""
+        row = await self._row("gone_by_operator", sandbox_id, generation)
+        if row is None:
+            return Moved(False, None)
+        return Moved(bool(row["moved"]), State(row["state"]))
+
+
+@dataclass(frozen=True)
+class Moved:
+    """An operator's compare-and-set: did the row move, where it is now, and its new deadline."""
+
+    moved: bool
+    state: State | None
+    pause_due_at: datetime | None = None
+
 
 def _repair(row: asyncpg.Record) -> Repair:
     return Repair(row["sandbox_id"], row["last_activity"], row["claimed_activity"], row["lifetime_left_s"])

@@ -1,4 +1,8 @@
-"""Plain-text views of operator data, for a terminal."""
+"""Plain-text views of operator data, for a terminal.
+
+Every cell goes through :func:`consumer.text.printable`: producers write
+metadata, dead letters and error texts, and none of it may act on the terminal.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,8 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from consumer.operations import DeadLetter
+from consumer.dead_letters import DeadLetter
+from consumer.text import printable, printable_bytes
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -22,7 +27,7 @@ def _cell(value: Any) -> str:
         return "-"
     if isinstance(value, datetime):
         return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
-    return str(value)
+    return printable(str(value))
 
 
 def status(report: dict[str, Any]) -> str:
@@ -32,7 +37,10 @@ def status(report: dict[str, Any]) -> str:
         "",
         table(
             ["queue", "messages", "consumers"],
-            [(name, q["messages"], q["consumers"]) for name, q in report["queues"].items()],
+            [
+                (name, q["messages"], q["consumers"]) if q is not None else (name, "missing", "-")
+                for name, q in report["queues"].items()
+            ],
         ),
         "",
     ]
@@ -49,12 +57,20 @@ def status(report: dict[str, Any]) -> str:
         f"last hour  paused {hour['paused']}, resumed {hour['resumed']}, "
         f"failed {hour['pause_failed']}, dry-run {hour['dry_run']}"
     )
-    parts.append(f"dead letters  {report['dead_letters']}")
+    parts.append("dead letters  " + "; ".join(_reasons(k, v) for k, v in report["dead_letters"].items()))
     parts.append(
         f"savings    {report['paused_seconds']:.0f} sandbox-seconds paused"
         f" = ${report['savings_usd']:.4f} (estimated)"
     )
     return "\n".join(parts)
+
+
+def _reasons(queue: str, counts: dict[str, int] | None) -> str:
+    if counts is None:
+        return f"{queue}: no queue"
+    if not counts:
+        return f"{queue}: none"
+    return f"{queue}: " + ", ".join(f"{printable(reason)} {n}" for reason, n in counts.items())
 
 
 def sessions(rows: list[dict[str, Any]]) -> str:
@@ -102,5 +118,13 @@ def dead_letters(letters: list[DeadLetter]) -> str:
         return "the dead-letter queue is empty"
     return table(
         ["routing key", "reason", "detail", "body"],
-        [(d.routing_key, d.reason, d.detail[:60], d.body[:60].decode("utf-8", "replace")) for d in letters],
+        [
+            (d.routing_key, d.reason, _clip(printable(d.detail)), _clip(printable_bytes(d.body)))
+            for d in letters
+        ],
     )
+
+
+def _clip(text: str, width: int = 60) -> str:
+    """At most ``width`` characters of already escaped text."""
+    return text if len(text) <= width else text[: width - 1] + "…"

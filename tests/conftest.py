@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -60,8 +61,28 @@ def isolated_env(settings: Settings, **extra: str) -> dict[str, str]:
     return env
 
 
+def free_port() -> int:
+    """A loopback port nothing listens on (until someone binds it)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
 def autopause(*args: str) -> list[str]:
     return [sys.executable, "-m", "consumer", *args]
+
+
+async def cli(settings: Settings, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """Run ``autopause ARGS`` as a subprocess on ``settings``' schema and broker names, to its end."""
+    return await asyncio.to_thread(
+        subprocess.run,
+        autopause(*args),
+        env=isolated_env(settings, **env),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 @pytest.fixture

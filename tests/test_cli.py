@@ -2,22 +2,29 @@
 
 from __future__ import annotations
 
-import asyncio
+import re
 import subprocess
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from typing import Any
 
+import aio_pika
+import asyncpg
 import orjson
 import pytest
 from conftest import (
+    AMQP_URL,
+    DATABASE_URL,
     ago,
     autopause,
+    cli,
     event,
     ingest_caught_up,
-    isolated_env,
+    now,
     publish,
     service,
     tick_with_ingest,
+    transitions,
     wait_for,
 )
 
@@ -28,17 +35,6 @@ from consumer.store import Store
 from e2b_emulator import Emulator
 
 KEY = "e2b_cli_test_key"
-
-
-async def cli(settings: Settings, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return await asyncio.to_thread(
-        subprocess.run,
-        autopause(*args),
-        env=isolated_env(settings, **env),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 @pytest.fixture
@@ -91,10 +87,21 @@ async def test_errors_are_one_line_and_a_nonzero_exit(seeded: Settings) -> None:
     missing = await cli(seeded, "sessions", "show", "sbx-nope")
     assert missing.returncode == 1
     assert missing.stderr.strip() == "autopause: no session for sandbox 'sbx-nope'"
-    bad_state = await cli(seeded, "sessions", "list", "--state", "SLEEPING")
-    assert bad_state.returncode == 2 and "Traceback" not in bad_state.stderr
-    bad_duration = await cli(seeded, "sessions", "keep-alive", "sbx-idle", "--for", "soon")
-    assert bad_duration.returncode == 2 and "duration" in bad_duration.stderr
+    refused = {
+        ("sessions", "list", "--state", "SLEEPING"): "'SLEEPING' is not one of",
+        ("sessions", "list", "--idle", "a while"): "duration 'a while'",
+        ("sessions", "keep-alive", "sbx-idle", "--for", "soon"): "duration 'soon'",
+        ("dlq", "list", "--queue", "elsewhere"): "'elsewhere' is not one of 'events', 'pause'",
+        ("sessions", "resume"): "Missing argument",
+    }
+    for args, complaint in refused.items():
+        done = await cli(seeded, *args)
+        assert done.returncode == 2, args
+        assert len(done.stderr.splitlines()) == 1 and complaint in done.stderr, done.stderr
+        assert done.stderr.startswith(f"autopause {' '.join(args[:2])}: "), done.stderr
+    lower = await cli(seeded, "sessions", "list", "--state", "running", "--idle", "30m", "--json")
+    assert lower.returncode == 0, lower.stderr
+    assert [r["sandbox_id"] for r in orjson.loads(lower.stdout)] == ["sbx-idle"]
     no_broker = await cli(seeded, "status", AUTOPAUSE_AMQP_URL="amqp://guest:guest@127.0.0.1:1/")
     assert no_broker.returncode == 1 and "RabbitMQ" in no_broker.stderr
     assert "Traceback" not in no_broker.stderr
@@ -218,3 +225,166 @@ def test_every_setting_flag_has_its_environment_twin_in_help() -> None:
         "AUTOPAUSE_EMULATOR",
     ):
         assert name in run_help.stdout
+
+
+# read-only commands change nothing ------------------------------------------------------------
+
+
+async def _schema_exists(settings: Settings) -> bool:
+    conn = await asyncpg.connect(DATABASE_URL)
+    try:
+        return bool(
+            await conn.fetchval("SELECT 1 FROM pg_namespace WHERE nspname = $1", settings.database_schema)
+        )
+    finally:
+        await conn.close()
+
+
+async def _queue_exists(name: str) -> bool:
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        channel = await connection.channel()
+        try:
+            await channel.declare_queue(name, passive=True)
+        except aio_pika.exceptions.ChannelClosed:
+            return False
+        return True
+
+
+async def test_read_only_commands_on_a_database_never_migrated_say_so_and_make_nothing(
+    settings: Settings,
+) -> None:
+    names = Names(settings.topology_prefix)
+    expected = (
+        f"autopause: the schema {settings.database_schema} has no autopause tables; run `autopause migrate`"
+    )
+    for args in (("status",), ("sessions", "list"), ("sessions", "show", "sbx-any"), ("status", "--json")):
+        done = await cli(settings, *args, AUTOPAUSE_DECLARE_TOPOLOGY="true")
+        assert (done.returncode, done.stderr.strip()) == (1, expected), args
+    listed = await cli(settings, "dlq", "list", AUTOPAUSE_DECLARE_TOPOLOGY="true")
+    assert listed.returncode == 1 and len(listed.stderr.splitlines()) == 1
+    assert f"RabbitMQ has no queue {names.events_dlq}" in listed.stderr
+    assert not await _schema_exists(settings), "a read-only command migrated the database"
+    assert not any([await _queue_exists(queue) for queue in names.queues()]), "it declared the topology"
+
+
+async def test_status_reports_missing_queues_without_declaring_them(settings: Settings, store: Store) -> None:
+    names = Names(settings.topology_prefix)
+    done = await cli(settings, "status", "--json", AUTOPAUSE_DECLARE_TOPOLOGY="true")
+    assert done.returncode == 0, done.stderr
+    report = orjson.loads(done.stdout)
+    assert report["queues"] == dict.fromkeys(
+        [names.events_queue, names.pause_queue, names.events_dlq, names.pause_dlq]
+    )
+    assert report["dead_letters"] == {"events": None, "pause": None}
+    text = await cli(settings, "status")
+    assert re.search(rf"^{re.escape(names.events_queue)} +missing +-$", text.stdout, re.MULTILINE)
+    assert not any([await _queue_exists(queue) for queue in names.queues()])
+
+
+async def test_commands_refuse_a_schema_that_lacks_a_migration(settings: Settings, store: Store) -> None:
+    async with store.pool.acquire() as conn:
+        await conn.execute("DELETE FROM autopause_migrations WHERE version = 2")
+    done = await cli(settings, "sessions", "list")
+    assert done.returncode == 1
+    assert done.stderr.strip() == (
+        f"autopause: the schema {settings.database_schema} lacks migration 2; run `autopause migrate`"
+    )
+
+
+# sessions resume ------------------------------------------------------------------------------
+
+
+async def _pause_through_the_pipeline(seeded: Settings, emulator: Emulator, sandbox: str) -> None:
+    emulator.add_sandbox(sandbox)
+    assert (await cli(seeded, "sessions", "pause", sandbox)).returncode == 0
+    await tick_with_ingest(seeded)
+    worker = await cli(
+        seeded, "run", "worker", "--burst", AUTOPAUSE_E2B_API_URL=emulator.url, AUTOPAUSE_E2B_API_KEY=KEY
+    )
+    assert worker.returncode == 0, worker.stdout + worker.stderr
+    assert emulator.state_of(sandbox) == "paused"
+
+
+async def test_resume_runs_a_paused_sandbox_and_records_it(
+    seeded: Settings, store: Store, emulator: Emulator
+) -> None:
+    await _pause_through_the_pipeline(seeded, emulator, "sbx-busy")
+    e2b = {"AUTOPAUSE_E2B_API_URL": emulator.url, "AUTOPAUSE_E2B_API_KEY": KEY}
+    no_key = await cli(seeded, "sessions", "resume", "sbx-busy", AUTOPAUSE_E2B_API_URL=emulator.url)
+    assert no_key.returncode == 2 and "AUTOPAUSE_E2B_API_KEY" in no_key.stderr
+    wrong_key = await cli(
+        seeded, "sessions", "resume", "sbx-busy", **(e2b | {"AUTOPAUSE_E2B_API_KEY": "e2b_wrong"})
+    )
+    assert wrong_key.returncode == 1 and "AUTOPAUSE_E2B_API_KEY" in wrong_key.stderr
+    assert "e2b_wrong" not in wrong_key.stderr
+    assert len(wrong_key.stderr.splitlines()) == 1
+    assert emulator.state_of("sbx-busy") == "paused"
+    assert (await store.get_session("sbx-busy"))["state"] == "PAUSED"  # type: ignore[index]
+
+    before = now()
+    resumed = await cli(seeded, "sessions", "resume", "sbx-busy", "--resume-timeout", "900", **e2b)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed" in resumed.stdout and "RUNNING" in resumed.stdout
+    assert emulator.state_of("sbx-busy") == "running"
+    box = emulator.sandbox("sbx-busy")
+    assert box is not None and before + timedelta(seconds=890) < box.end_at < now() + timedelta(seconds=910)
+    row = await store.get_session("sbx-busy")
+    assert row is not None and row["state"] == "RUNNING" and row["resume_requested_at"] is None
+    # a fresh idle deadline, from the resume: the seeded default timeout is 600 s
+    assert before + timedelta(seconds=590) < row["pause_due_at"] < now() + timedelta(seconds=610)
+    assert (await transitions(store, "sbx-busy"))[-1] == ("PAUSED", "RUNNING", "resumed_by_operator", "cli")
+
+    again = await cli(seeded, "sessions", "resume", "sbx-busy", **e2b)
+    assert again.returncode == 2
+    assert (
+        again.stderr.strip() == "autopause: sandbox sbx-busy is RUNNING: only a PAUSED sandbox can be resumed"
+    )
+    assert len(emulator.calls("connect", "sbx-busy")) == 2  # the refused key and the resume: no third
+
+
+async def test_resume_of_a_sandbox_e2b_no_longer_has_marks_it_gone(
+    seeded: Settings, store: Store, emulator: Emulator
+) -> None:
+    async with store.pool.acquire() as conn:  # paused once; E2B has since forgotten it
+        await conn.execute(
+            "UPDATE sandbox_sessions SET state = 'PAUSED', paused_at = now() WHERE sandbox_id = 'sbx-idle'"
+        )
+    done = await cli(
+        seeded,
+        "sessions",
+        "resume",
+        "sbx-idle",
+        AUTOPAUSE_E2B_API_URL=emulator.url,
+        AUTOPAUSE_E2B_API_KEY=KEY,
+    )
+    assert done.returncode == 1
+    assert (
+        done.stderr.strip()
+        == "autopause: E2B has no sandbox sbx-idle any more; its session is now KILLED (gone)"
+    )
+    row = await store.get_session("sbx-idle")
+    assert row is not None and row["state"] == "KILLED" and row["killed_at"] is not None
+    assert (await transitions(store, "sbx-idle"))[-1] == ("PAUSED", "KILLED", "gone", "cli")
+    assert [c.status for c in emulator.calls("connect", "sbx-idle")] == [404]
+
+
+async def test_sessions_show_escapes_what_a_producer_wrote(
+    settings: Settings, store: Store, channel: Any
+) -> None:
+    note = "\x1b[2J\x1b[Hall clear\n\u009b31m\u202e"
+    await publish(channel, settings, [event("created", "sbx-note", metadata={"note": note})])
+    assert await runner.run(settings, {"ingest"}, burst=True) == 0
+    for args in (
+        ("sessions", "show", "sbx-note"),
+        ("sessions", "list"),
+        ("sessions", "show", "sbx-note", "--json"),
+    ):
+        done = await cli(settings, *args)
+        assert done.returncode == 0, done.stderr
+        assert all(char.isprintable() or char == "\n" for char in done.stdout), args
+    shown = await cli(settings, "sessions", "show", "sbx-note")
+    # PostgreSQL's JSON text escapes the C0 controls itself; the view escapes the rest
+    assert '{"note": "\\u001b[2J\\u001b[Hall clear\\n\\x9b31m\\u202e"}' in shown.stdout
+    as_json = orjson.loads((await cli(settings, "sessions", "show", "sbx-note", "--json")).stdout)
+    assert orjson.loads(as_json["session"]["metadata"]) == {"note": note}  # escaped in spelling only

@@ -34,6 +34,7 @@ from consumer.settings import load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
+E2B_FILE = ROOT / "docker-compose.e2b.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 DEFINITIONS_FILE = ROOT / "deploy" / "rabbitmq" / "definitions.json"
 RABBITMQ_CONF = ROOT / "deploy" / "rabbitmq" / "rabbitmq.conf"
@@ -78,6 +79,9 @@ AMQP_USERS = {
 }
 DATABASE_USERS = {"migrate", "ingest", "scheduler", "worker", "operator"}
 EMULATOR_URL = "http://e2b-emulator:3000"
+EMULATOR_KEY = "e2b_emulator"
+E2B_URL = "https://api.e2b.app"
+REAL_KEY = "e2b_0123456789abcdef"
 
 
 # -- reading the files as compose does ------------------------------------------------------
@@ -181,10 +185,25 @@ def secrets_env() -> dict[str, str]:
     return {name: os.urandom(24).hex() for name in required_variables()}
 
 
-def compose(env: Mapping[str, str] | None = None, *, with_secrets: bool = True) -> dict[str, Any]:
-    """The compose file as compose sees it with ``env`` (and, unless told, the secrets) as environment."""
+def _merge(base: Any, override: Any) -> Any:
+    """Compose's merge of an override file, as far as these files need it: mappings by key."""
+    if isinstance(base, dict) and isinstance(override, dict):
+        merged = dict(base)
+        for key, value in override.items():
+            merged[key] = _merge(base[key], value) if key in base else value
+        return merged
+    return override
+
+
+def compose(
+    env: Mapping[str, str] | None = None, *, with_secrets: bool = True, e2b: bool = False
+) -> dict[str, Any]:
+    """The compose file as compose sees it with ``env`` (and, unless told, the secrets) as environment;
+    with ``e2b``, docker-compose.e2b.yml on top, as ``COMPOSE_FILE`` in .env makes it."""
     shell = {**(secrets_env() if with_secrets else {}), **(env or {})}
     loaded = yaml.safe_load(compose_text())
+    if e2b:
+        loaded = _merge(loaded, yaml.safe_load(E2B_FILE.read_text()))
     resolved: dict[str, Any] = _resolve(loaded, shell)
     return resolved
 
@@ -199,8 +218,9 @@ def cli_services() -> list[str]:
     return [name for name in autopause_services() if "entrypoint" not in compose()["services"][name]]
 
 
-def environment(service: str, env: Mapping[str, str] | None = None) -> dict[str, str]:
-    return {key: str(value) for key, value in compose(env)["services"][service]["environment"].items()}
+def environment(service: str, env: Mapping[str, str] | None = None, *, e2b: bool = False) -> dict[str, str]:
+    spec = compose(env, e2b=e2b)["services"][service]
+    return {key: str(value) for key, value in spec.get("environment", {}).items()}
 
 
 def dockerfile_instructions() -> list[tuple[str, str]]:
@@ -572,43 +592,71 @@ def test_each_service_environment_is_valid_settings(service: str, monkeypatch: p
         check_e2b(settings, {"worker"})  # the demo defaults must satisfy the worker's own check
 
 
-@pytest.mark.parametrize(
-    ("shell", "key", "url"),
-    [
-        ({}, "e2b_emulator", EMULATOR_URL),
-        ({"E2B_API_KEY": "", "E2B_API_URL": ""}, "e2b_emulator", EMULATOR_URL),
-        (
-            {"E2B_API_KEY": "e2b_real", "E2B_API_URL": "https://api.e2b.app"},
-            "e2b_real",
-            "https://api.e2b.app",
-        ),
-        # a URL without a key: E2B refuses the placeholder key (401), loudly
-        ({"E2B_API_URL": "https://api.e2b.app"}, "e2b_emulator", "https://api.e2b.app"),
-        # the emulator on purpose
-        ({"E2B_API_KEY": "e2b_x", "E2B_API_URL": EMULATOR_URL}, "e2b_x", EMULATOR_URL),
-    ],
-)
-def test_pauses_go_where_the_e2b_variables_say(shell: dict[str, str], key: str, url: str) -> None:
+SHELLS = [
+    {},
+    {"E2B_API_KEY": REAL_KEY},
+    {"E2B_API_URL": E2B_URL},
+    {"E2B_API_KEY": REAL_KEY, "E2B_API_URL": E2B_URL},
+]
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_without_the_e2b_file_the_worker_pauses_through_the_emulator_with_its_key(
+    shell: dict[str, str],
+) -> None:
     env = environment("worker", shell)
-    assert (env["AUTOPAUSE_E2B_API_KEY"], env["AUTOPAUSE_E2B_API_URL"]) == (key, url)
+    assert (env["AUTOPAUSE_E2B_API_KEY"], env["AUTOPAUSE_E2B_API_URL"]) == (EMULATOR_KEY, EMULATOR_URL)
+    assert REAL_KEY not in json.dumps(compose(shell))
 
 
-def test_a_real_key_without_a_url_never_reaches_the_emulator() -> None:
-    env = environment("worker", {"E2B_API_KEY": "e2b_0123456789abcdef"})
-    target = urlsplit(env["AUTOPAUSE_E2B_API_URL"])
-    assert env["AUTOPAUSE_E2B_API_KEY"] == "e2b_0123456789abcdef"
-    assert target.hostname is not None
-    assert target.hostname != "e2b-emulator"
-    # RFC 2606 reserves .invalid: the name can never resolve, so every pause fails loudly
-    assert target.hostname.endswith(".invalid")
-    assert "0123456789abcdef" not in env["AUTOPAUSE_E2B_API_URL"]
+def test_the_compose_file_never_reads_the_e2b_variables() -> None:
+    # a real key in .env must not reach any service unless docker-compose.e2b.yml is chosen
+    assert not re.search(r"\$\{?E2B_API_(KEY|URL)\b", compose_text())
+
+
+@pytest.mark.parametrize(("url", "expected"), [(None, E2B_URL), ("https://api.eu.e2b.example", None)])
+def test_the_e2b_file_sends_the_real_key_to_e2b_and_leaves_the_emulator_out(
+    url: str | None, expected: str | None
+) -> None:
+    shell = {"E2B_API_KEY": REAL_KEY} | ({"E2B_API_URL": url} if url else {})
+    env = environment("worker", shell, e2b=True)
+    assert env["AUTOPAUSE_E2B_API_KEY"] == REAL_KEY
+    assert env["AUTOPAUSE_E2B_API_URL"] == (expected or url)
+    assert urlsplit(env["AUTOPAUSE_E2B_API_URL"]).hostname != "e2b-emulator"
+    services = compose(shell, e2b=True)["services"]
+    assert services["e2b-emulator"].get("profiles"), "the emulator must not start beside a real key"
+    assert REAL_KEY not in json.dumps(services["e2b-emulator"])
+    assert set(yaml.safe_load(E2B_FILE.read_text())["services"]) <= SERVICES
+
+
+def test_the_e2b_file_refuses_to_start_without_a_key() -> None:
+    for shell in ({}, {"E2B_API_KEY": ""}, {"E2B_API_URL": E2B_URL}):
+        with pytest.raises(LookupError, match="E2B_API_KEY"):
+            compose(shell, e2b=True)
+
+
+@pytest.mark.parametrize("e2b", [False, True])
+def test_the_worker_environment_passes_the_worker_check(e2b: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in list(os.environ):
+        if key.startswith(("AUTOPAUSE_", "E2B_")):
+            monkeypatch.delenv(key)
+    for key, value in environment("worker", {"E2B_API_KEY": REAL_KEY}, e2b=e2b).items():
+        monkeypatch.setenv(key, value)
+    settings = load_settings()
+    check_e2b(settings, {"worker"})
+    assert settings.e2b_key == (REAL_KEY if e2b else EMULATOR_KEY)
+    assert not settings.emulator and not settings.dry_run
 
 
 def test_only_the_worker_gets_the_e2b_key_and_dry_run_reaches_it() -> None:
-    shell = {"E2B_API_KEY": "e2b_real", "E2B_API_URL": "https://api.e2b.app", "AUTOPAUSE_DRY_RUN": "true"}
-    holders = [name for name in autopause_services() if "AUTOPAUSE_E2B_API_KEY" in environment(name, shell)]
+    shell = {"E2B_API_KEY": REAL_KEY, "AUTOPAUSE_DRY_RUN": "true"}
+    holders = [
+        name
+        for name, spec in compose(shell, e2b=True)["services"].items()
+        if REAL_KEY in json.dumps(spec) or "AUTOPAUSE_E2B_API_KEY" in spec.get("environment", {})
+    ]
     assert holders == ["worker"]
-    assert environment("worker", shell)["AUTOPAUSE_DRY_RUN"] == "true"
+    assert environment("worker", shell, e2b=True)["AUTOPAUSE_DRY_RUN"] == "true"
 
 
 def test_one_variable_sets_the_worker_replicas_and_their_rate_share() -> None:

@@ -26,7 +26,7 @@ from tcpproxy import Proxy
 from consumer import runner
 from consumer.broker import connection_name
 from consumer.settings import Settings
-from e2b_emulator import Emulator
+from e2b_emulator import Emulator, Faults
 
 
 def free_port() -> int:
@@ -93,8 +93,13 @@ async def test_metrics_move_and_readiness_follows_the_database(
             return metric(text, "autopause_events_ingested_total", type="sandbox.activity") == start + 25
 
         await wait_for(moved, what="the ingested counter to move by 25")
+
+        async def counted() -> bool:  # a dead letter counts once the broker confirmed it, after the commit
+            _, text = await get(http, base + "/metrics")
+            return metric(text, "autopause_events_rejected_total", reason="invalid_json") == rejected + 1
+
+        await wait_for(counted, what="the rejected counter to move by 1")
         _, after = await get(http, base + "/metrics")
-        assert metric(after, "autopause_events_rejected_total", reason="invalid_json") == rejected + 1
         assert metric(after, "autopause_ingest_batch_size_count") >= 1
         assert metric(after, "autopause_ingest_lag_seconds_count") >= 25
 
@@ -115,41 +120,47 @@ async def _is(value: Any, expected: int) -> bool:
 
 async def test_no_log_line_contains_the_e2b_key(settings: Settings, store: Any, channel: Any) -> None:
     secret = "e2b_fake_5ecret_d0_not_log_me_123456"
-    async with Emulator(api_key="e2b_another_key") as emulator:  # our key is refused: errors get logged
-        emulator.add_sandbox("sbx-key")
-        await publish(channel, settings, [event("created", "sbx-key", at=ago(3600))])
-        env = isolated_env(
-            settings,
-            AUTOPAUSE_E2B_API_KEY=secret,
-            AUTOPAUSE_E2B_API_URL=emulator.url,
-            AUTOPAUSE_LOG_LEVEL="DEBUG",
-            AUTOPAUSE_LOG_FORMAT="json",
-            AUTOPAUSE_PAUSE_MAX_ATTEMPTS="2",
-            AUTOPAUSE_RETRY_BASE_DELAY="0.01",
-            AUTOPAUSE_RETRY_MAX_DELAY="0.02",
+    base = isolated_env(
+        settings,
+        AUTOPAUSE_E2B_API_KEY=secret,
+        AUTOPAUSE_LOG_LEVEL="DEBUG",
+        AUTOPAUSE_LOG_FORMAT="json",
+        AUTOPAUSE_PAUSE_MAX_ATTEMPTS="2",
+        AUTOPAUSE_RETRY_BASE_DELAY="0.01",
+        AUTOPAUSE_RETRY_MAX_DELAY="0.02",
+    )
+    outputs = []
+
+    async def run(*args: str, expect: int = 0, **env: str) -> None:
+        done = await asyncio.to_thread(
+            subprocess.run, autopause(*args), env=base | env, capture_output=True, text=True, timeout=60
         )
-        outputs = []
+        assert done.returncode == expect, done.stderr
+        outputs.append(done.stdout + done.stderr)
 
-        async def run(*args: str) -> None:
-            done = await asyncio.to_thread(
-                subprocess.run, autopause(*args), env=env, capture_output=True, text=True, timeout=60
-            )
-            assert done.returncode == 0, done.stderr
-            outputs.append(done.stdout + done.stderr)
-
-        await run("run", "ingest", "--burst")
-        await arrived_long_ago(settings)
-        async with service(settings, {"ingest"}):  # the tick claims only while ingest keeps up
-            await wait_for(lambda: ingest_caught_up(settings), what="ingest caught up")
-            await run("run", "scheduler", "--once")
-        await run("run", "worker", "--burst")
-        calls = emulator.calls("info")
-    assert calls and {c.status for c in calls} == {401}
+    await publish(channel, settings, [event("created", "sbx-key", at=ago(3600))])
+    await run("run", "ingest", "--burst")
+    await arrived_long_ago(settings)
+    async with service(settings, {"ingest"}):  # the tick claims only while ingest keeps up
+        await wait_for(lambda: ingest_caught_up(settings), what="ingest caught up")
+        await run("run", "scheduler", "--once")
+    async with Emulator(api_key="e2b_another_key") as refusing:  # our key is refused at start
+        await run("run", "worker", "--burst", expect=2, AUTOPAUSE_E2B_API_URL=refusing.url)
+        assert [c.status for c in refusing.calls()] == [401]
+    # the key is taken, every answer is an error: the errors of the pause get logged
+    async with Emulator(api_key=secret, faults=Faults(error_rate=1.0)) as failing:
+        failing.add_sandbox("sbx-key")
+        await run("run", "worker", "--burst", AUTOPAUSE_E2B_API_URL=failing.url)
+        calls = failing.calls("info")
+    assert calls and {c.status for c in calls} <= {500, 502, 503}
     logs = "\n".join(outputs)
+    assert "refused the API key" in logs and "e2b.unconfirmed" in logs
     assert "worker.finish" in logs and "pause_failed" in logs
     assert secret not in logs
     for line in filter(None, logs.splitlines()):
-        assert line.startswith("{"), line  # every line is one JSON record
+        if line.startswith("autopause: "):
+            continue  # the command's own one-line error, as every command prints it
+        assert line.startswith("{"), line  # every log line is one JSON record
         json.loads(line)
 
 

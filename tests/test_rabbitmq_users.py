@@ -28,6 +28,7 @@ from conftest import (
     DATABASE_URL,
     ago,
     arrived_long_ago,
+    cli,
     event,
     ingest_caught_up,
     service,
@@ -42,12 +43,14 @@ from consumer.broker import (
     PAUSE_ROUTING_KEY,
     PROBE_ROUTING_KEY,
     REASON_HEADER,
+    ROUTING_KEY_HEADER,
     Names,
     declare_topology,
 )
 from consumer.errors import ConfigError
 from consumer.rabbitmq_definitions import check_password, password_matches, render
 from consumer.settings import Settings, load_settings
+from consumer.store import Store
 from e2b_emulator import Emulator
 from schemas import EVENT_TYPES, OUTCOME_TYPES
 
@@ -531,3 +534,49 @@ async def test_every_role_runs_with_its_own_user(users: Users, settings: Setting
                 lambda: dlq.get(no_ack=True, fail=False), timeout=10, what="the dead letter"
             )
             assert rejected.body == b"not json"
+
+
+async def test_the_operator_commands_need_only_the_operators_rights(
+    users: Users, settings: Settings, store: Store
+) -> None:
+    """status, dlq list and both replays as the operator, asked to declare: none of them tries to."""
+    admin = await aio_pika.connect(users.admin_url())
+    async with admin:
+        channel = await admin.channel(publisher_confirms=True)
+        dlx = await channel.get_exchange(NAMES.dead_letter_exchange, ensure=False)
+        event_headers = {REASON_HEADER: "invalid_event", ROUTING_KEY_HEADER: "sandbox.activity"}
+        await dlx.publish(
+            aio_pika.Message(BODY, delivery_mode=2, headers=event_headers), routing_key="events"
+        )
+        command_headers = {REASON_HEADER: "invalid_command"}
+        await dlx.publish(
+            aio_pika.Message(b"{}", delivery_mode=2, headers=command_headers), routing_key="pause"
+        )
+
+        as_operator = {
+            "AUTOPAUSE_AMQP_URL": users.url("operator"),
+            "AUTOPAUSE_TOPOLOGY_PREFIX": "",
+            "AUTOPAUSE_DECLARE_TOPOLOGY": "true",
+        }
+        status = await cli(settings, "status", "--json", **as_operator)
+        assert status.returncode == 0, status.stderr
+        assert orjson.loads(status.stdout)["dead_letters"] == {
+            "events": {"invalid_event": 1},
+            "pause": {"invalid_command": 1},
+        }
+        listed = await cli(settings, "dlq", "list", "--json", **as_operator)
+        assert listed.returncode == 0, listed.stderr
+        assert [letter["reason"] for letter in orjson.loads(listed.stdout)] == ["invalid_event"]
+        replayed = await cli(settings, "dlq", "replay", **as_operator)
+        assert replayed.returncode == 0 and "replayed 1 of the 1" in replayed.stdout, replayed.stderr
+        dropped = await cli(settings, "dlq", "replay", "--queue", "pause", **as_operator)
+        assert dropped.returncode == 0 and "dropped 1 dead pause command" in dropped.stdout, dropped.stderr
+
+        assert await queue_depth(admin, NAMES.events_dlq) == (0, 0)
+        assert await queue_depth(admin, NAMES.pause_dlq) == (0, 0)
+        assert await queue_depth(admin, NAMES.pause_queue) == (0, 0)
+        events = await channel.get_queue(NAMES.events_queue, ensure=False)
+        again = await wait_for(
+            lambda: events.get(no_ack=True, fail=False), timeout=10, what="the replayed event"
+        )
+        assert (again.routing_key, again.body) == ("sandbox.activity", BODY)

@@ -483,3 +483,54 @@ WHERE s.sandbox_id = u.sandbox_id
 
 -- name: db_now
 SELECT now();
+
+-- name: schema_migrated
+-- Whether the schema holds autopause's tables. Operator commands check it
+-- instead of migrating: a command that reads must never change the schema.
+SELECT to_regclass(format('%I.autopause_migrations', $1::text)) IS NOT NULL;
+
+-- name: applied_migrations
+SELECT version FROM autopause_migrations ORDER BY version;
+
+-- name: resume_by_operator
+-- An operator resumed a PAUSED sandbox through E2B: the row runs again, with a
+-- fresh deadline. The resume counts as an arrival (never as activity, which is
+-- event time), so every rule that computes the deadline again (state.pause_due)
+-- gives this one. Only the row read before the E2B call moves.
+WITH cur AS (
+    SELECT sandbox_id, state, generation FROM sandbox_sessions WHERE sandbox_id = $1 FOR UPDATE
+), moved AS (
+    UPDATE sandbox_sessions AS s
+    SET state = 'RUNNING',
+        last_arrived_at = GREATEST(s.last_arrived_at, now()),
+        pause_due_at = GREATEST(
+            s.last_activity + make_interval(secs => coalesce(s.idle_timeout_s, $3)),
+            GREATEST(s.last_arrived_at, now()) + make_interval(secs => coalesce(s.idle_timeout_s, $3)),
+            s.keep_alive_until, s.retry_after),
+        resume_requested_at = NULL, dry_run_at = NULL, updated_at = now()
+    FROM cur
+    WHERE s.sandbox_id = cur.sandbox_id AND cur.state = 'PAUSED' AND cur.generation = $2
+    RETURNING s.sandbox_id, s.generation, s.pause_due_at
+), logged AS (
+    INSERT INTO session_transitions (sandbox_id, from_state, to_state, reason, actor, generation)
+    SELECT sandbox_id, 'PAUSED', 'RUNNING', 'resumed_by_operator', 'cli', generation FROM moved
+)
+SELECT EXISTS (SELECT 1 FROM moved) AS moved, cur.state, (SELECT pause_due_at FROM moved) AS pause_due_at
+FROM cur;
+
+-- name: gone_by_operator
+-- E2B answered an operator's resume with 404: the sandbox no longer exists.
+WITH cur AS (
+    SELECT sandbox_id, state, generation FROM sandbox_sessions WHERE sandbox_id = $1 FOR UPDATE
+), moved AS (
+    UPDATE sandbox_sessions AS s
+    SET state = 'KILLED', killed_at = coalesce(s.killed_at, now()), resume_requested_at = NULL,
+        updated_at = now()
+    FROM cur
+    WHERE s.sandbox_id = cur.sandbox_id AND cur.state = 'PAUSED' AND cur.generation = $2
+    RETURNING s.sandbox_id, s.generation
+), logged AS (
+    INSERT INTO session_transitions (sandbox_id, from_state, to_state, reason, actor, generation)
+    SELECT sandbox_id, 'PAUSED', 'KILLED', 'gone', 'cli', generation FROM moved
+)
+SELECT EXISTS (SELECT 1 FROM moved) AS moved, cur.state FROM cur;
