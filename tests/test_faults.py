@@ -596,6 +596,12 @@ async def test_a_tick_during_a_broker_outage_fails_softly(
         scheduler = Scheduler(settings, store, opened, Health())
         scheduler.commands = await opened.publisher(opened.names.commands_exchange, confirm=True)
         assert (await scheduler.tick(datetime.now(UTC))).error is None
+        # a sandbox falls due: the next tick must ask the broker whether ingest keeps up
+        async with store.pool.acquire() as conn:
+            await conn.execute(
+                "INSERT INTO sandbox_sessions (sandbox_id, state, last_activity, pause_due_at)"
+                " VALUES ('due-1', 'RUNNING', now() - interval '1 hour', now() - interval '1 minute')"
+            )
         async with rabbitmq_down():
             result = await scheduler.tick(datetime.now(UTC) + timedelta(minutes=1))
         assert result.error is not None and "RabbitMQ unavailable" in result.error
