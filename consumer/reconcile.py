@@ -210,7 +210,7 @@ class Reconciler:
             "adopted": await self.store.adopt(found.adopt, timeout),
             "gone": await self._confirm_gone(found.maybe_gone, listed_at, outcome),
         }
-        await self.store.record_sizes(listed)
+        await self.store.record_sizes(listed, listed_at)
         for reason, count in changes.items():
             if count:
                 metrics.RECONCILE_CHANGES.labels(reason).inc(count)

@@ -133,6 +133,11 @@ class Settings(BaseSettings):
     retry_base_delay: Positive = Field(0.5, description="first retry backoff in seconds")
     retry_max_delay: Positive = Field(30, description="largest retry backoff in seconds")
     retry_after: Positive = Field(300, description="seconds a failed sandbox is left alone")
+    end_at_max_age: Positive = Field(
+        120,
+        description="seconds a sandbox's end of life from E2B's listing (reconcile) spares the"
+        " get_info a worker otherwise makes before its pause",
+    )
     repair_interval: Positive = Field(
         1.0, le=60, description="seconds between looks for sandboxes a pause may have hit in use"
     )

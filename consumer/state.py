@@ -33,6 +33,39 @@ class State(StrEnum):
 TERMINAL = frozenset({State.KILLED, State.EXPIRED})
 
 
+class Reason(StrEnum):
+    """Why a row changed: the ``reason`` of the transitions log, for every actor."""
+
+    # ingest
+    CREATED = "created"
+    FIRST_ACTIVITY = "first_activity"
+    FIRST_SEEN = "first_seen"
+    KILLED = "killed"
+    ACTIVITY_DURING_PAUSE = "activity_during_pause"
+    RESUMED = "resumed"
+    # scheduler
+    IDLE = "idle"
+    PUBLISH_FAILED = "publish_failed"
+    RETENTION = "retention"
+    # worker
+    PAUSED = "paused"
+    ALREADY_PAUSED = "already_paused"
+    GONE = "gone"
+    PAUSE_FAILED = "pause_failed"
+    DRY_RUN = "dry_run"
+    BUSY_CPU = "busy_cpu"
+    PAUSED_IN_USE = "paused_in_use"
+    RESUMED_FOR_USE = "resumed_for_use"
+    # reconcile
+    RESUMED_OUTSIDE = "resumed_outside"
+    PAUSED_OUTSIDE = "paused_outside"
+    ADOPTED = "adopted"
+    # operators
+    KEEP_ALIVE = "keep_alive"
+    PAUSE_REQUESTED = "pause_requested"
+    RESUMED_BY_OPERATOR = "resumed_by_operator"
+
+
 @dataclass(frozen=True, slots=True)
 class Session:
     """One row of ``sandbox_sessions`` as the state machine sees it."""
@@ -67,7 +100,7 @@ class Transition:
     sandbox_id: str
     from_state: State | None
     to_state: State
-    reason: str
+    reason: Reason
     generation: int
     detail: dict[str, Any] | None = None
 
@@ -198,7 +231,7 @@ def apply(current: Session | None, delta: Delta, default_timeout: timedelta, arr
 
     new_state, reason = _next_state(current, delta)
     stale = delta.activity_count if current.state in TERMINAL and new_state is None else 0
-    if new_state is not None:
+    if new_state is not None and reason is not None:
         transitions.append(
             Transition(current.sandbox_id, current.state, new_state, reason, current.generation)
         )
@@ -239,7 +272,7 @@ def _with(row: Session, changes: dict[str, Any]) -> Session:
     return new
 
 
-def _next_state(row: Session, delta: Delta) -> tuple[State | None, str]:
+def _next_state(row: Session, delta: Delta) -> tuple[State | None, Reason | None]:
     """The state a delta moves the row to, with the reason; None when it stays.
 
     Event times are compared with event times only: any activity after the
@@ -247,17 +280,17 @@ def _next_state(row: Session, delta: Delta) -> tuple[State | None, str]:
     it is done (the claim's activity time stays on the row until the next claim).
     """
     if delta.killed_at is not None:
-        return (State.KILLED, "killed") if row.state is not State.KILLED else (None, "")
+        return (State.KILLED, Reason.KILLED) if row.state is not State.KILLED else (None, None)
     if delta.last_activity is None or row.state in TERMINAL:
-        return None, ""
+        return None, None
     seen_by_claim = row.claimed_activity or row.last_activity
     if row.state is State.PAUSING and (
         row.claimed_activity is None or delta.last_activity > row.claimed_activity
     ):
-        return State.RUNNING, "activity_during_pause"
+        return State.RUNNING, Reason.ACTIVITY_DURING_PAUSE
     if row.state is State.PAUSED and delta.last_activity > seen_by_claim:
-        return State.RUNNING, "resumed"
-    return None, ""
+        return State.RUNNING, Reason.RESUMED
+    return None, None
 
 
 def _resume_request(row: Session, to_state: State, arrived_at: datetime) -> datetime | None:
@@ -295,10 +328,10 @@ def _created_fields(row: Session, created: SandboxCreated) -> dict[str, Any]:
     }
 
 
-def _birth(delta: Delta) -> str:
+def _birth(delta: Delta) -> Reason:
     if delta.created is not None:
-        return "created"
-    return "first_activity" if delta.activity_count else "first_seen"
+        return Reason.CREATED
+    return Reason.FIRST_ACTIVITY if delta.activity_count else Reason.FIRST_SEEN
 
 
 def _created_key(at: datetime, event_id: UUID) -> tuple[datetime, str]:

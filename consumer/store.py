@@ -86,6 +86,15 @@ class Attempt:
 
 
 @dataclass(frozen=True)
+class Backing:
+    """Whether a row backs its pause command, and E2B's end of life for it as last listed."""
+
+    backed: bool
+    end_at: datetime | None = None
+    seen_at: datetime | None = None
+
+
+@dataclass(frozen=True)
 class PauseEnd:
     """What the worker writes when a pause attempt ends, and how the row is to move."""
 
@@ -447,20 +456,35 @@ class Store:
 
     # worker
 
-    async def begin_attempt(self, claim: Claim, attempt_id: UUID, hold_s: float, attempts: int) -> Attempt:
-        """The compare-and-set before the E2B calls of one attempt (see queries.sql)."""
-        row = await self._row(
-            "begin_attempt", claim.sandbox_id, claim.generation, attempt_id, hold_s, attempts
+    async def commands_backed(self, claims: Sequence[Claim]) -> list[Backing]:
+        """Whether each claim's row still backs its command, in order, with its end of life."""
+        rows = await self._rows(
+            "commands_backed", [c.sandbox_id for c in claims], [c.generation for c in claims]
         )
-        if row is None:
-            return Attempt(taken=False, backed=False)
-        return Attempt(
-            bool(row["taken"]),
-            bool(row["backed"]),
-            row["claimed_activity"],
-            float(row["held_for"] or 0),
-            row["idle_timeout_s"],
+        return [Backing(bool(r["backed"]), r["e2b_end_at"], r["e2b_seen_at"]) for r in rows]
+
+    async def begin_attempts(
+        self, attempts: Sequence[tuple[Claim, UUID, int]], hold_s: float
+    ) -> list[Attempt]:
+        """The compare-and-set before E2B is called, for claims of distinct sandboxes (queries.sql)."""
+        rows = await self._rows(
+            "begin_attempts",
+            [c.sandbox_id for c, _, _ in attempts],
+            [c.generation for c, _, _ in attempts],
+            [attempt_id for _, attempt_id, _ in attempts],
+            [n for _, _, n in attempts],
+            hold_s,
         )
+        return [
+            Attempt(
+                bool(r["taken"]),
+                bool(r["backed"]),
+                r["claimed_activity"],
+                float(r["held_for"] or 0),
+                r["idle_timeout_s"],
+            )
+            for r in rows
+        ]
 
     async def renew_attempt(self, claim: Claim, attempt_id: UUID, hold_s: float) -> bool:
         """Extend this attempt's hold; False if it ran out (another attempt may hold the row)."""
@@ -470,27 +494,25 @@ class Store:
     async def record_attempt(self, claim: Claim, attempt_id: UUID, attempts: int, error: str) -> None:
         await self._exec("record_attempt", claim.sandbox_id, claim.generation, attempt_id, attempts, error)
 
-    async def finish_pause(self, claim: Claim, attempt_id: UUID, end: PauseEnd) -> PauseFinished:
-        """Compare-and-set the end of a pause; where the row is when it no longer backs the claim."""
-        row = await self._row(
-            "finish_pause",
-            claim.sandbox_id,
-            claim.generation,
-            attempt_id,
-            end.to_state.value,
-            end.error,
-            end.retry_after,
-            end.due_at,
-            end.dry_run_at,
-            end.attempts,
-            end.end_at,
-            end.lifetime_left_s,
-            end.check_e2b_later,
-            end.reason,
+    async def finish_pauses(self, ends: Sequence[tuple[Claim, UUID, PauseEnd]]) -> list[PauseFinished]:
+        """Compare-and-set the ends of pauses of distinct sandboxes, and where rows that did not move are."""
+        rows = await self._rows(
+            "finish_pauses",
+            [c.sandbox_id for c, _, _ in ends],
+            [c.generation for c, _, _ in ends],
+            [attempt_id for _, attempt_id, _ in ends],
+            [e.to_state.value for _, _, e in ends],
+            [e.error for _, _, e in ends],
+            [e.retry_after for _, _, e in ends],
+            [e.due_at for _, _, e in ends],
+            [e.dry_run_at for _, _, e in ends],
+            [e.attempts for _, _, e in ends],
+            [e.end_at for _, _, e in ends],
+            [e.lifetime_left_s for _, _, e in ends],
+            [e.check_e2b_later for _, _, e in ends],
+            [e.reason for _, _, e in ends],
         )
-        if row is None:
-            return PauseFinished(False, None)
-        return PauseFinished(bool(row["moved"]), State(row["state"]))
+        return [PauseFinished(bool(r["moved"]), State(r["state"]) if r["state"] else None) for r in rows]
 
     async def take_repairs(self, holder: UUID, hold_s: float, limit: int) -> list[Repair]:
         rows = await self._rows("take_repairs", holder, hold_s, limit)
@@ -613,13 +635,14 @@ class Store:
         )
         return len(rows)
 
-    async def record_sizes(self, sandboxes: Sequence[SandboxFacts]) -> None:
+    async def record_sizes(self, sandboxes: Sequence[SandboxFacts], listed_at: datetime) -> None:
         await self._exec(
             "record_sizes",
             [s.sandbox_id for s in sandboxes],
             [s.cpu_count for s in sandboxes],
             [s.memory_mb for s in sandboxes],
             [s.end_at for s in sandboxes],
+            listed_at,
         )
 
     # operator commands that must not change the schema, and operator resumes

@@ -1,18 +1,23 @@
 """The worker role: carries out pause commands through the E2B adapter, concurrently.
 
-Per command and attempt: a compare-and-set takes the row (it must be PAUSING
-with the command's generation, and no other attempt may hold it, so a copy of
-the command never calls E2B at the same time); E2B is asked for the sandbox
-(its state and end of life), then told to pause it; the outcome is written by
-a second compare-and-set. A command the row does not back is dropped with no
-E2B call. Retryable failures back off with jitter, a bounded number of times;
-then the row goes back to RUNNING with ``last_error`` and a ``retry_after``.
+Per command: its row must back it (PAUSING, same generation), else it is
+dropped with no E2B call. E2B's latest CPU sample may veto the pause (see
+consumer/busy.py); that check waits for company outside the pause slots, so it
+never holds one. Then, in one of ``worker_concurrency`` slots, per attempt: a
+compare-and-set takes the row (no other attempt may hold it, so a copy of the
+command never calls E2B at the same time); E2B is asked for the sandbox's end
+of life unless a recent listing gave it; the pause call; the outcome written by
+a second compare-and-set. :func:`decide` is the whole next step.
+
+What concurrent commands ask of Postgres (the backing reads, the two
+compare-and-sets) and the acks of the broker go out in batches, one statement
+per short window (consumer/batching.py).
 
 A pause that raced with activity is repaired at once: when the closing
-compare-and-set finds the row RUNNING, the worker resumes the sandbox (with the
-lifetime it had left) and records ``paused_in_use``. Activity that lands after
-the pause was written is flagged on the row by ingest; every worker looks for
-such rows each ``repair_interval`` and does the same.
+compare-and-set finds the row RUNNING, the worker resumes the sandbox (with
+at least the lifetime it had left) and records ``paused_in_use``. Activity that
+lands after the pause was written is flagged on the row by ingest; every worker
+looks for such rows each ``repair_interval`` and does the same.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
@@ -29,48 +34,89 @@ from typing import TypeVar
 from pydantic import ValidationError
 
 from consumer import metrics
+from consumer.batching import Batcher
 from consumer.broker import Broker, Consumer, DeadLetter, Delivery, Outgoing, Publisher
 from consumer.busy import CpuProbe, is_busy
-from consumer.e2b_adapter import CallOutcome, CallResult, E2BClient, SandboxView
+from consumer.e2b_adapter import METRICS_BATCH, CallOutcome, CallResult, E2BClient
 from consumer.errors import BrokerUnavailable, StoreUnavailable
 from consumer.health import Health
 from consumer.ratelimit import TokenBucket
+from consumer.repairs import Repairer
 from consumer.retrying import Stopping, retrying, sleep_or_stop
 from consumer.settings import Settings
-from consumer.state import State
-from consumer.store import Claim, PauseEnd, Repair, Store
+from consumer.state import Reason, State
+from consumer.store import Attempt, Backing, Claim, PauseEnd, PauseFinished, Store
 from consumer.timing import backoff_delay
-from schemas import COMMAND_ADAPTER, Outcome, PauseCommand
+from schemas import COMMAND_ADAPTER, Outcome, OutcomeType, PauseCommand
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+R = TypeVar("R")
 
 # A dry-run claim parks the row until newer activity moves its deadline, or a live scheduler.
 PARKED = datetime(9999, 1, 1, tzinfo=UTC)
+# How long a database batch waits for company: a small share of a pause's E2B call.
+DB_WINDOW = 0.002
+DB_BATCH = 200
 
 
 @dataclass(frozen=True)
 class Decision:
-    """What to do after one pause attempt."""
+    """What to do after a look at E2B (or instead of one)."""
 
-    to_state: State | None  # None: retry
-    reason: str
-    outcome_type: str | None = None
+    to_state: State | None  # None: try again after a backoff
+    reason: Reason | None
+    outcome: OutcomeType | None = None  # announced on sandbox.lifecycle
+    retry_after: bool = False  # the row is left alone for ``retry_after`` seconds
+    deadline_from_now: bool = False  # the idle timeout starts again now
 
 
-def decide(result: CallResult, attempt: int, max_attempts: int) -> Decision:
-    """Pure: the next step for a pause result on ``attempt`` (1-based)."""
-    match result.outcome:
+def decide(
+    result: CallOutcome | None, *, attempt: int, max_attempts: int, dry_run: bool, busy: bool
+) -> Decision:
+    """Pure: the worker's next step for one claim. ``result`` is what E2B's pause said (None: not asked).
+
+    ==========  =====  =================  ===========  ==========================================
+    dry run     busy   E2B said           attempt      next
+    ==========  =====  =================  ===========  ==========================================
+    yes         any    (not asked)        any          RUNNING dry_run, parked; announce paused
+    no          yes    (not asked)        any          RUNNING busy_cpu, deadline from now
+    no          no     paused             any          PAUSED paused; announce paused
+    no          no     already paused     any          PAUSED already_paused; announce paused
+    no          no     gone               any          KILLED gone; announce gone
+    no          no     retryable          < max        try again after a backoff
+    no          no     retryable          = max        RUNNING pause_failed, retry-after; announce
+    no          no     failed             any          RUNNING pause_failed, retry-after; announce
+    ==========  =====  =================  ===========  ==========================================
+    """
+    if dry_run:
+        return Decision(State.RUNNING, Reason.DRY_RUN, "sandbox.paused")
+    if busy:
+        return Decision(State.RUNNING, Reason.BUSY_CPU, deadline_from_now=True)
+    match result:
         case CallOutcome.PAUSED:
-            return Decision(State.PAUSED, "paused", "sandbox.paused")
+            return Decision(State.PAUSED, Reason.PAUSED, "sandbox.paused")
         case CallOutcome.ALREADY_PAUSED:
-            return Decision(State.PAUSED, "already_paused", "sandbox.paused")
+            return Decision(State.PAUSED, Reason.ALREADY_PAUSED, "sandbox.paused")
         case CallOutcome.GONE:
-            return Decision(State.KILLED, "gone", "sandbox.gone")
+            return Decision(State.KILLED, Reason.GONE, "sandbox.gone")
         case CallOutcome.RETRYABLE if attempt < max_attempts:
-            return Decision(None, "retry")
+            return Decision(None, None)
         case _:
-            return Decision(State.RUNNING, "pause_failed", "sandbox.pause_failed")
+            return Decision(State.RUNNING, Reason.PAUSE_FAILED, "sandbox.pause_failed", retry_after=True)
+
+
+def must_repair(result: CallOutcome | None, finished: PauseFinished) -> bool:
+    """Pure: E2B holds the sandbox paused, but activity took its row back to RUNNING meanwhile."""
+    paused = result in (CallOutcome.PAUSED, CallOutcome.ALREADY_PAUSED)
+    return paused and not finished.moved and finished.state is State.RUNNING
+
+
+def lifetime_left(end_at: datetime | None, read_at: datetime) -> float | None:
+    """Seconds of life the sandbox had when E2B was asked, or None when unknown."""
+    if end_at is None:
+        return None
+    return max(0.0, (end_at - read_at).total_seconds())
 
 
 @dataclass(frozen=True)
@@ -80,13 +126,6 @@ class Step:
     finished: bool = False
     called: bool = False  # a pause call was made, so E2B may have paused the sandbox
     wait: float | None = None
-
-
-def lifetime_left(view: SandboxView | None, read_at: datetime) -> float | None:
-    """Seconds of life the sandbox had when E2B was asked, or None when unknown."""
-    if view is None or view.end_at is None:
-        return None
-    return max(0.0, (view.end_at - read_at).total_seconds())
 
 
 class Worker:
@@ -108,6 +147,18 @@ class Worker:
         self.client = client
         self.bucket = bucket
         self.cpu = CpuProbe(client, bucket)
+        self.repairer = Repairer(settings, store, client, bucket)
+        self.slots = asyncio.Semaphore(settings.worker_concurrency)
+        self.backing = Batcher(store.commands_backed, max_size=DB_BATCH, window=DB_WINDOW, name="backing")
+        self.begins: Batcher[tuple[Claim, uuid.UUID, int], Attempt] = Batcher(
+            self._begin_batch, max_size=DB_BATCH, window=DB_WINDOW, name="begin-attempts"
+        )
+        self.finishes: Batcher[tuple[Claim, uuid.UUID, PauseEnd], PauseFinished] = Batcher(
+            self._finish_batch, max_size=DB_BATCH, window=DB_WINDOW, name="finish-pauses"
+        )
+        self.acks: Batcher[Delivery, None] = Batcher(
+            self._settle_batch, max_size=DB_BATCH, window=DB_WINDOW, name="acks"
+        )
         self.in_flight: set[asyncio.Task[None]] = set()
         self.last_delivery = time.monotonic()
         self.stop = asyncio.Event()
@@ -120,13 +171,14 @@ class Worker:
         # Outcomes are announcements (the row is the truth), published without
         # confirms: with them, publishing took about a sixth of the worker's time.
         self.outcomes = await self.broker.publisher(names.lifecycle_exchange, confirm=False)
+        # Commands waiting for their CPU sample hold no pause slot: room for a batch of them.
         self.consumer = await self.broker.consumer(
             names.pause_queue,
-            prefetch=self.settings.worker_concurrency,
+            prefetch=self.settings.worker_concurrency + METRICS_BATCH,
             on_delivery=self._on_delivery,
             role="worker",
         )
-        repairs = asyncio.create_task(self._repair_forever(stop), name="worker-repairs")
+        repairs = asyncio.create_task(self.repairer.run_forever(stop), name="worker-repairs")
         self.health.set("consuming", True)
         log.info("worker consuming", extra={"action": "worker.start", "dry_run": self.settings.dry_run})
         try:
@@ -179,7 +231,6 @@ class Worker:
     async def _handle(self, delivery: Delivery) -> None:
         """One command, start to end. Failure policy: an unexpected error dead-letters the command
         with its reason (the row stays PAUSING and its lease sends the command again)."""
-        assert self.consumer is not None
         try:
             command = COMMAND_ADAPTER.validate_json(delivery.body)
         except ValidationError as exc:
@@ -189,17 +240,16 @@ class Worker:
             await self._dead_letter(DeadLetter(delivery, "invalid_command", detail))
             return
         try:
-            finished = await self._pause(command)
+            finished = await self._carry_out(command)
         except Stopping:
             return  # unsettled: the broker delivers it again
         except Exception as exc:
             log.error("pause handler failed", exc_info=exc, extra={"action": "worker.crash"})
-            await self._dead_letter(
-                DeadLetter(delivery, "worker_error", f"{type(exc).__name__}: {exc}"[:500])
-            )
+            detail = f"{type(exc).__name__}: {exc}"[:500]
+            await self._dead_letter(DeadLetter(delivery, "worker_error", detail))
             return
         if finished:
-            await self.consumer.settle([delivery])
+            await self.acks.submit(delivery)
 
     async def _dead_letter(self, item: DeadLetter) -> None:
         assert self.consumer is not None
@@ -214,13 +264,22 @@ class Worker:
             what, attempt, self.stop, role="worker", on_outage=lambda: self.health.beat("worker")
         )
 
-    async def _pause(self, command: PauseCommand) -> bool:
+    async def _carry_out(self, command: PauseCommand) -> bool:
         """Carry out one command; True when it is finished (settle it), False to leave it."""
         claim = Claim(command.sandbox_id, command.generation)
+        backing = await self._retry("backing", lambda: self.backing.submit(claim))
+        if not backing.backed:
+            self._dropped(claim, "not_backed")
+            return True
+        busy = await self._busy(claim.sandbox_id)
+        async with self.slots:
+            return await self._pause(claim, backing, busy)
+
+    async def _pause(self, claim: Claim, backing: Backing, busy: bool) -> bool:
         settings = self.settings
         attempt, called = 1, False
         while True:
-            step = await self._attempt(claim, attempt, called)
+            step = await self._attempt(claim, attempt, backing, busy, called)
             if step.finished:
                 return True
             if step.wait is not None:
@@ -235,51 +294,44 @@ class Worker:
                 return False
             attempt += 1
 
-    async def _attempt(self, claim: Claim, attempt: int, called_before: bool) -> Step:
+    async def _attempt(
+        self, claim: Claim, attempt: int, backing: Backing, busy: bool, called_before: bool
+    ) -> Step:
         """One attempt of ``claim``, numbered ``attempt``; what to do next."""
         settings = self.settings
         attempt_id = uuid.uuid4()
-        took = await self._retry(
-            "compare-and-set",
-            lambda: self.store.begin_attempt(claim, attempt_id, settings.attempt_hold, attempt),
-        )
+        took = await self._retry("compare-and-set", lambda: self.begins.submit((claim, attempt_id, attempt)))
         if not took.taken and took.backed:
             metrics.COMMANDS_DROPPED.labels("in_flight_elsewhere").inc()
             return Step(wait=min(took.held_for, settings.attempt_hold) + 0.05)
         if not took.taken:
             self._dropped(claim, "not_backed" if attempt == 1 else "superseded")
             return Step(finished=True)
-        if settings.dry_run:
-            end = PauseEnd(State.RUNNING, "dry_run", attempt, due_at=PARKED, dry_run_at=datetime.now(UTC))
-            await self._finish(claim, attempt_id, end, Decision(State.RUNNING, "dry_run", "sandbox.paused"))
-            return Step(finished=True)
-        if await self._busy(claim.sandbox_id):
-            timeout = took.idle_timeout_s or settings.default_idle_timeout
-            due = datetime.now(UTC) + timedelta(seconds=timeout)
-            metrics.BUSY_CPU.inc()
-            await self._finish(
-                claim,
-                attempt_id,
-                PauseEnd(State.RUNNING, "busy_cpu", attempt, due_at=due),
-                Decision(State.RUNNING, "busy_cpu"),
-            )
-            return Step(finished=True)
-        calls = await self._call_e2b(claim, attempt_id)
-        if calls is None:  # the hold ran out while the rate limiter made us wait: look again
-            return Step(wait=0.0)
-        result, view, read_at = calls
-        called = view is not None and view.state != "paused"
-        decision = decide(result, attempt, settings.pause_max_attempts)
+        result: CallResult | None = None
+        end_at, read_at, called = None, datetime.now(UTC), False
+        if not settings.dry_run and not busy:
+            calls = await self._call_e2b(claim, attempt_id, backing)
+            if calls is None:  # the hold ran out while the rate limiter made us wait: look again
+                return Step(wait=0.0)
+            result, end_at, read_at, called = calls
+        decision = decide(
+            result.outcome if result else None,
+            attempt=attempt,
+            max_attempts=settings.pause_max_attempts,
+            dry_run=settings.dry_run,
+            busy=busy,
+        )
         if decision.to_state is None:
+            assert result is not None
             error = result.error or "retryable"
             await self._retry(
                 "attempt record", lambda: self.store.record_attempt(claim, attempt_id, attempt, error)
             )
             return Step(called=called)
-        end = self._end(decision, attempt, result, view, read_at, called_before or called)
-        finished = await self._finish(claim, attempt_id, end, decision, result.error)
-        if finished is State.RUNNING and result.outcome in (CallOutcome.PAUSED, CallOutcome.ALREADY_PAUSED):
-            await self._repair_own(claim.sandbox_id, attempt_id)
+        end = self._end(decision, attempt, took, result, end_at, read_at, called_before or called)
+        finished = await self._finish(claim, attempt_id, end, decision, result)
+        if must_repair(result.outcome if result else None, finished):
+            await self.repairer.repair_own(claim.sandbox_id, attempt_id)
         return Step(finished=True)
 
     def _dropped(self, claim: Claim, reason: str) -> None:
@@ -292,31 +344,39 @@ class Worker:
     async def _busy(self, sandbox_id: str) -> bool:
         """E2B's latest CPU sample says the sandbox works (see consumer/busy.py)."""
         settings = self.settings
-        if settings.busy_cpu_percent <= 0:
+        if settings.busy_cpu_percent <= 0 or settings.dry_run:
             return False
         sample = await self.cpu.sample(sandbox_id)
         return is_busy(sample, datetime.now(UTC), settings.busy_cpu_percent, settings.busy_cpu_sample_age)
 
     async def _call_e2b(
-        self, claim: Claim, attempt_id: uuid.UUID
-    ) -> tuple[CallResult, SandboxView | None, datetime] | None:
-        """Ask E2B for the sandbox, then pause it if it runs: (result, what E2B said, when).
+        self, claim: Claim, attempt_id: uuid.UUID, backing: Backing
+    ) -> tuple[CallResult, datetime | None, datetime, bool] | None:
+        """The sandbox's end of life (from a recent listing, else get_info), then the pause:
+        (the result, the end of life, when it was read, whether a pause call was made).
 
         None when the attempt's hold ran out while it waited for the rate limiter.
         """
         sandbox_id = claim.sandbox_id
+        now = datetime.now(UTC)
+        end_at: datetime | None = backing.end_at
+        read_at = now
+        seen = backing.seen_at
+        listed = seen is not None and (now - seen).total_seconds() <= self.settings.end_at_max_age
+        if end_at is None or not listed:
+            if not await self._token_within_hold(claim, attempt_id):
+                return None
+            info = await self._e2b("info", lambda: self.client.info(sandbox_id))
+            read_at = datetime.now(UTC)
+            if info.outcome is not CallOutcome.OK or info.sandbox is None:
+                return info, None, read_at, False
+            if info.sandbox.state == "paused":
+                already = CallResult(CallOutcome.ALREADY_PAUSED, None, info.latency)
+                return already, info.sandbox.end_at, read_at, False
+            end_at = info.sandbox.end_at
         if not await self._token_within_hold(claim, attempt_id):
             return None
-        info = await self._e2b("info", lambda: self.client.info(sandbox_id))
-        read_at = datetime.now(UTC)
-        if info.outcome is not CallOutcome.OK or info.sandbox is None:
-            return info, None, read_at
-        if info.sandbox.state == "paused":
-            return CallResult(CallOutcome.ALREADY_PAUSED, None, info.latency), info.sandbox, read_at
-        if not await self._token_within_hold(claim, attempt_id):
-            return None
-        result = await self._e2b("pause", lambda: self.client.pause(sandbox_id))
-        return result, info.sandbox, read_at
+        return await self._e2b("pause", lambda: self.client.pause(sandbox_id)), end_at, read_at, True
 
     async def _token_within_hold(self, claim: Claim, attempt_id: uuid.UUID) -> bool:
         """Wait for a rate-limiter token; after a long wait, renew the attempt's hold first.
@@ -344,36 +404,53 @@ class Worker:
         self,
         decision: Decision,
         attempt: int,
-        result: CallResult,
-        view: SandboxView | None,
+        took: Attempt,
+        result: CallResult | None,
+        end_at: datetime | None,
         read_at: datetime,
         called_pause: bool,
     ) -> PauseEnd:
-        assert decision.to_state is not None
-        retry_after = None
-        if decision.reason == "pause_failed":
-            retry_after = datetime.now(UTC) + timedelta(seconds=self.settings.retry_after)
+        assert decision.to_state is not None and decision.reason is not None
+        now = datetime.now(UTC)
+        due_at = retry_after = dry_run_at = None
+        if decision.retry_after:
+            retry_after = due_at = now + timedelta(seconds=self.settings.retry_after)
+        if decision.deadline_from_now:
+            timeout = took.idle_timeout_s or self.settings.default_idle_timeout
+            due_at = now + timedelta(seconds=timeout)
+        if decision.reason is Reason.DRY_RUN:
+            due_at, dry_run_at = PARKED, now
         return PauseEnd(
             decision.to_state,
             decision.reason,
             attempt,
-            error=result.error,
+            error=result.error if result else None,
             retry_after=retry_after,
-            due_at=retry_after,
-            end_at=view.end_at if view else None,
-            lifetime_left_s=lifetime_left(view, read_at),
+            due_at=due_at,
+            dry_run_at=dry_run_at,
+            end_at=end_at,
+            lifetime_left_s=lifetime_left(end_at, read_at),
             # a pause call that timed out may have paused it all the same: let a repair look
-            check_e2b_later=decision.reason == "pause_failed" and called_pause,
+            check_e2b_later=decision.retry_after and called_pause,
         )
 
     async def _finish(
-        self, claim: Claim, attempt_id: uuid.UUID, end: PauseEnd, decision: Decision, error: str | None = None
-    ) -> State | None:
-        """Write the outcome; the row's state when it did not move (None when it did)."""
-        finished = await self._retry("outcome", lambda: self.store.finish_pause(claim, attempt_id, end))
+        self,
+        claim: Claim,
+        attempt_id: uuid.UUID,
+        end: PauseEnd,
+        decision: Decision,
+        result: CallResult | None,
+    ) -> PauseFinished:
+        """Write the outcome; announce it when the row moved."""
+        finished = await self._retry("outcome", lambda: self.finishes.submit((claim, attempt_id, end)))
         metrics.PAUSES.labels(end.reason if finished.moved else "superseded").inc()
+        if end.reason is Reason.BUSY_CPU and finished.moved:
+            metrics.BUSY_CPU.inc()
         if finished.moved:
             metrics.TRANSITIONS.labels("worker", end.to_state.value, end.reason).inc()
+            if decision.outcome is not None:
+                await self._announce(claim, decision.outcome, result.error if result else None)
         log.info(
             "pause finished",
             extra={
@@ -383,18 +460,14 @@ class Worker:
                 "row_moved": finished.moved,
             },
         )
-        if not finished.moved:
-            return finished.state
-        if decision.outcome_type is not None:
-            await self._announce(claim, decision.outcome_type, error)
-        return None
+        return finished
 
-    async def _announce(self, claim: Claim, outcome_type: str, error: str | None) -> None:
+    async def _announce(self, claim: Claim, outcome_type: OutcomeType, error: str | None) -> None:
         """Tell app services what became of the sandbox (best effort: the row is the truth)."""
         assert self.outcomes is not None
         outcome = Outcome(
             event_id=uuid.uuid4(),
-            type=outcome_type,  # type: ignore[arg-type]
+            type=outcome_type,
             occurred_at=datetime.now(UTC),
             sandbox_id=claim.sandbox_id,
             generation=claim.generation,
@@ -408,80 +481,37 @@ class Worker:
                 "outcome not published", extra={"action": "worker.announce_failed", "error": str(exc)}
             )
 
-    # repairs: sandboxes a pause hit while in use
+    # batches: one statement (or one ack frame) for what concurrent commands ask at once
 
-    async def _repair_own(self, sandbox_id: str, attempt_id: uuid.UUID) -> None:
-        """Our pause raced with activity: resume the sandbox now, under the attempt we hold."""
-        try:
-            repair = await self.store.take_own_repair(sandbox_id, attempt_id, self.settings.attempt_hold)
-        except StoreUnavailable as exc:
-            log.error("repair left to the next round", extra={"action": "worker.repair", "error": str(exc)})
-            return
-        if repair is not None:
-            await self._repair(repair, attempt_id)
+    async def _begin_batch(self, items: list[tuple[Claim, uuid.UUID, int]]) -> Sequence[Attempt]:
+        return await _one_per_sandbox(
+            items, lambda part: self.store.begin_attempts(part, self.settings.attempt_hold)
+        )
 
-    async def _repair_forever(self, stop: asyncio.Event) -> None:
-        """Every ``repair_interval``, repair the rows ingest flagged. Failure policy: log, next round."""
-        while not stop.is_set():
-            holder = uuid.uuid4()
-            try:
-                repairs = await self.store.take_repairs(
-                    holder, self.settings.attempt_hold, self.settings.worker_concurrency
-                )
-            except StoreUnavailable as exc:
-                log.error("repairs not read", extra={"action": "worker.repair", "error": str(exc)})
-                repairs = []
-            except Exception as exc:  # the next round tries again; a repair loop never stops
-                log.error("repairs not read", exc_info=exc, extra={"action": "worker.repair"})
-                repairs = []
-            if repairs:
-                await asyncio.gather(*(self._repair(r, holder) for r in repairs), return_exceptions=True)
-            if await sleep_or_stop(stop, self.settings.repair_interval):
-                return
+    async def _finish_batch(self, items: list[tuple[Claim, uuid.UUID, PauseEnd]]) -> Sequence[PauseFinished]:
+        return await _one_per_sandbox(items, self.store.finish_pauses)
 
-    async def _repair(self, repair: Repair, holder: uuid.UUID) -> None:
-        """Ask E2B; resume the sandbox if a pause left it paused while in use."""
-        sid = repair.sandbox_id
-        try:
-            metrics.RATE_LIMIT_WAIT.observe(await self.bucket.take())
-            info = await self._e2b("info", lambda: self.client.info(sid))
-            if info.outcome is CallOutcome.GONE:
-                await self.store.finish_repair(sid, holder, "gone", None)
-                return
-            if info.outcome is not CallOutcome.OK or info.sandbox is None:
-                await self.store.delay_repair(sid, holder, self.settings.retry_base_delay * 4)
-                return
-            if info.sandbox.state != "paused":
-                await self.store.finish_repair(sid, holder, "running", None)
-                return
-            lifetime = repair.lifetime_left_s or float(self.settings.resume_timeout)
-            metrics.RATE_LIMIT_WAIT.observe(await self.bucket.take())
-            resumed = await self._e2b("connect", lambda: self.client.resume(sid, lifetime))
-            if resumed.outcome is CallOutcome.OK:
-                await self._record_repair(repair, holder, lifetime)
-            elif resumed.outcome is CallOutcome.GONE:
-                await self.store.finish_repair(sid, holder, "gone", None)
-            else:
-                await self.store.delay_repair(sid, holder, self.settings.retry_base_delay * 4)
-        except StoreUnavailable as exc:
-            # the row stays flagged; its hold runs out and the next round takes it again
-            log.error("repair not recorded", extra={"action": "worker.repair", "error": str(exc)})
-        except Exception as exc:  # the same: the flag stays, the next round takes it again
-            log.error("repair failed", exc_info=exc, extra={"action": "worker.repair", "sandbox_id": sid})
+    async def _settle_batch(self, deliveries: list[Delivery]) -> Sequence[None]:
+        assert self.consumer is not None
+        await self.consumer.settle(deliveries)
+        return [None] * len(deliveries)
 
-    async def _record_repair(self, repair: Repair, holder: uuid.UUID, lifetime: float) -> None:
-        detail = {
-            "claimed_activity": repair.claimed_activity.isoformat() if repair.claimed_activity else None,
-            "activity_at": repair.last_activity.isoformat(),
-            "lifetime_s": round(lifetime, 1),
-        }
-        # no claim of ours saw the row when it was paused outside (E2B's own timeout)
-        reason = "paused_in_use" if repair.claimed_activity is not None else "resumed_for_use"
-        if await self.store.finish_repair(repair.sandbox_id, holder, reason, detail):
-            metrics.TRANSITIONS.labels("worker", State.RUNNING.value, reason).inc()
-            if reason == "paused_in_use":
-                metrics.PAUSED_IN_USE.inc()
-            log.warning(
-                "a paused sandbox was in use; resumed it",
-                extra={"action": f"worker.{reason}", "sandbox_id": repair.sandbox_id, **detail},
-            )
+
+async def _one_per_sandbox(
+    items: list[tuple[Claim, uuid.UUID, T]],
+    call: Callable[[list[tuple[Claim, uuid.UUID, T]]], Awaitable[list[R]]],
+) -> list[R]:
+    """Run ``call`` on items of distinct sandboxes at a time (a statement takes each row once), in order."""
+    answers: dict[int, R] = {}
+    pending = list(enumerate(items))
+    while pending:
+        seen: set[str] = set()
+        now: list[tuple[int, tuple[Claim, uuid.UUID, T]]] = []
+        later: list[tuple[int, tuple[Claim, uuid.UUID, T]]] = []
+        for i, item in pending:
+            (later if item[0].sandbox_id in seen else now).append((i, item))
+            seen.add(item[0].sandbox_id)
+        for (i, _), answer in zip(now, await call([item for _, item in now]), strict=True):
+            answers[i] = answer
+        pending = later
+    return [answers[i] for i in range(len(items))]

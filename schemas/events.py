@@ -55,6 +55,8 @@ def _rfc3339(value: object) -> object:
 Rfc3339Time = Annotated[AwareDatetime, BeforeValidator(_rfc3339)]
 
 ActivitySource = Literal["terminal", "file", "preview", "agent", "api", "other"]
+CommandReason = Literal["idle", "manual", "lease_expired"]
+OutcomeType = Literal["sandbox.paused", "sandbox.pause_failed", "sandbox.gone"]
 
 
 class Contract(BaseModel):
@@ -130,7 +132,7 @@ class PauseCommand(Contract):
     sandbox_id: SandboxId
     generation: int = Field(ge=1, le=2**62)
     issued_at: Rfc3339Time
-    reason: Literal["idle", "manual", "lease_expired"] = "idle"
+    reason: CommandReason = "idle"
 
 
 COMMAND_ADAPTER: TypeAdapter[PauseCommand] = TypeAdapter(PauseCommand)
@@ -140,7 +142,7 @@ class Outcome(Contract):
     """What became of a pause: published on ``sandbox.lifecycle`` for app services."""
 
     event_id: UUID
-    type: Literal["sandbox.paused", "sandbox.pause_failed", "sandbox.gone"]
+    type: OutcomeType
     occurred_at: Rfc3339Time
     sandbox_id: SandboxId
     generation: int = Field(ge=1)
@@ -148,4 +150,4 @@ class Outcome(Contract):
     error: Annotated[str, StringConstraints(max_length=500)] | None = None
 
 
-OUTCOME_TYPES: tuple[str, ...] = ("sandbox.paused", "sandbox.pause_failed", "sandbox.gone")
+OUTCOME_TYPES: tuple[OutcomeType, ...] = ("sandbox.paused", "sandbox.pause_failed", "sandbox.gone")

@@ -9,15 +9,16 @@ import pytest
 
 from consumer.broker import QueueState, ack_plan
 from consumer.busy import is_busy
-from consumer.e2b_adapter import CallOutcome, CallResult, CpuSample, SandboxView
+from consumer.e2b_adapter import CallOutcome, CpuSample, SandboxView
 from consumer.errors import ConfigError
 from consumer.ratelimit import TokenBucket
 from consumer.reconcile import plan
+from consumer.repairs import resume_lifetime
 from consumer.scheduler import claim_budget, freshness_gate, scheduled_time
-from consumer.state import State
-from consumer.store import IngestView, LiveRow, ReplicaBeat
+from consumer.state import Reason, State
+from consumer.store import IngestView, LiveRow, PauseFinished, ReplicaBeat
 from consumer.timing import backoff_delay, next_ticks, parse_duration, validate_cron
-from consumer.worker import decide
+from consumer.worker import decide, must_repair
 
 T = datetime(2026, 3, 14, 15, 9, 26, tzinfo=UTC)
 
@@ -67,20 +68,78 @@ def test_backoff_grows_with_jitter_and_stays_under_the_cap() -> None:
         assert full / 2 <= delay <= full
 
 
-@pytest.mark.parametrize(
-    ("outcome", "attempt", "expected"),
-    [
-        (CallOutcome.PAUSED, 1, (State.PAUSED, "paused")),
-        (CallOutcome.ALREADY_PAUSED, 1, (State.PAUSED, "already_paused")),
-        (CallOutcome.GONE, 1, (State.KILLED, "gone")),
-        (CallOutcome.RETRYABLE, 1, (None, "retry")),
-        (CallOutcome.RETRYABLE, 5, (State.RUNNING, "pause_failed")),
-        (CallOutcome.FAILED, 1, (State.RUNNING, "pause_failed")),
-    ],
-)
-def test_worker_decisions(outcome: CallOutcome, attempt: int, expected: tuple[State | None, str]) -> None:
-    decision = decide(CallResult(outcome), attempt, max_attempts=5)
-    assert (decision.to_state, decision.reason) == expected
+DECISIONS = [
+    # one row per row of decide's table: (dry run, busy, E2B said, attempt) -> next
+    (True, False, None, 1, (State.RUNNING, Reason.DRY_RUN, "sandbox.paused", False, False)),
+    (True, True, None, 1, (State.RUNNING, Reason.DRY_RUN, "sandbox.paused", False, False)),
+    (False, True, None, 1, (State.RUNNING, Reason.BUSY_CPU, None, False, True)),
+    (False, False, CallOutcome.PAUSED, 1, (State.PAUSED, Reason.PAUSED, "sandbox.paused", False, False)),
+    (
+        False,
+        False,
+        CallOutcome.ALREADY_PAUSED,
+        3,
+        (State.PAUSED, Reason.ALREADY_PAUSED, "sandbox.paused", False, False),
+    ),
+    (False, False, CallOutcome.GONE, 1, (State.KILLED, Reason.GONE, "sandbox.gone", False, False)),
+    (False, False, CallOutcome.RETRYABLE, 1, (None, None, None, False, False)),
+    (False, False, CallOutcome.RETRYABLE, 4, (None, None, None, False, False)),
+    (
+        False,
+        False,
+        CallOutcome.RETRYABLE,
+        5,
+        (State.RUNNING, Reason.PAUSE_FAILED, "sandbox.pause_failed", True, False),
+    ),
+    (
+        False,
+        False,
+        CallOutcome.FAILED,
+        1,
+        (State.RUNNING, Reason.PAUSE_FAILED, "sandbox.pause_failed", True, False),
+    ),
+]
+
+
+@pytest.mark.parametrize(("dry_run", "busy", "said", "attempt", "expected"), DECISIONS)
+def test_the_worker_decides_each_next_step_by_its_table(
+    dry_run: bool, busy: bool, said: CallOutcome | None, attempt: int, expected: tuple[object, ...]
+) -> None:
+    decision = decide(said, attempt=attempt, max_attempts=5, dry_run=dry_run, busy=busy)
+    got = (
+        decision.to_state,
+        decision.reason,
+        decision.outcome,
+        decision.retry_after,
+        decision.deadline_from_now,
+    )
+    assert got == expected
+
+
+REPAIRS = [
+    # (E2B said, the closing compare-and-set) -> resume the sandbox at once?
+    (CallOutcome.PAUSED, PauseFinished(False, State.RUNNING), True),  # activity during the call
+    (CallOutcome.ALREADY_PAUSED, PauseFinished(False, State.RUNNING), True),
+    (CallOutcome.PAUSED, PauseFinished(True, None), False),  # the pause stood
+    (CallOutcome.PAUSED, PauseFinished(False, State.PAUSED), False),  # a copy finished it
+    (CallOutcome.PAUSED, PauseFinished(False, State.KILLED), False),
+    (CallOutcome.RETRYABLE, PauseFinished(False, State.RUNNING), False),  # never paused
+    (None, PauseFinished(False, State.RUNNING), False),  # dry run or busy: E2B not asked
+]
+
+
+@pytest.mark.parametrize(("said", "finished", "repair"), REPAIRS)
+def test_a_pause_that_raced_with_activity_is_repaired(
+    said: CallOutcome | None, finished: PauseFinished, repair: bool
+) -> None:
+    assert must_repair(said, finished) is repair
+
+
+def test_a_resumed_sandbox_lives_at_least_as_long_as_it_had_left() -> None:
+    assert resume_lifetime(300.0, None, T, 3600) == 300.0
+    assert resume_lifetime(300.0, T + timedelta(seconds=900), T, 3600) == 900.0  # extended since
+    assert resume_lifetime(None, T + timedelta(seconds=60), T, 3600) == 60.0
+    assert resume_lifetime(None, None, T, 3600) == 3600
 
 
 def test_token_bucket_spends_its_burst_then_waits_at_the_rate() -> None:

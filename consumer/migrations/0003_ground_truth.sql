@@ -3,7 +3,9 @@
 
 ALTER TABLE sandbox_sessions
     ADD COLUMN cpu_count integer,
-    ADD COLUMN memory_mb integer;
+    ADD COLUMN memory_mb integer,
+    -- when E2B's listing last gave the sandbox's end of life (e2b_end_at)
+    ADD COLUMN e2b_seen_at timestamptz;
 
 ALTER TABLE session_transitions DROP CONSTRAINT session_transitions_actor_check;
 ALTER TABLE session_transitions ADD CONSTRAINT session_transitions_actor_check

@@ -177,28 +177,46 @@ SET dry_run_at = NULL,
     updated_at = now()
 FROM parked WHERE s.sandbox_id = parked.sandbox_id;
 
--- name: begin_attempt
--- The compare-and-set before E2B is called: the row must back the command
--- (PAUSING, same generation) and no other attempt may hold it. The winner
--- holds it for $4 seconds, longer than its calls can take.
-WITH cur AS (
-    SELECT sandbox_id, state, generation, attempt_until FROM sandbox_sessions
-    WHERE sandbox_id = $1 FOR UPDATE
+-- name: commands_backed
+-- Which pause commands their rows back (PAUSING, same generation), in order,
+-- with E2B's end of life for the sandbox as the last listing saw it.
+SELECT s.sandbox_id IS NOT NULL AS backed, s.e2b_end_at, s.e2b_seen_at
+FROM unnest($1::text[], $2::bigint[]) WITH ORDINALITY AS c(sandbox_id, generation, n)
+LEFT JOIN sandbox_sessions AS s
+    ON s.sandbox_id = c.sandbox_id AND s.generation = c.generation AND s.state = 'PAUSING'
+ORDER BY c.n;
+
+-- name: begin_attempts
+-- The compare-and-set before E2B is called, for a batch of commands (one per
+-- sandbox): a row must back its command (PAUSING, same generation) and no
+-- other attempt may hold it. The winner holds it for $5 seconds, longer than
+-- its calls can take. Answers in the order asked.
+WITH want AS (
+    SELECT * FROM unnest($1::text[], $2::bigint[], $3::uuid[], $4::int[]) WITH ORDINALITY
+        AS w(sandbox_id, generation, attempt_id, attempts, n)
+), cur AS (
+    SELECT s.sandbox_id, s.state, s.generation, s.attempt_until FROM sandbox_sessions AS s
+    WHERE s.sandbox_id IN (SELECT sandbox_id FROM want)
+    ORDER BY s.sandbox_id
+    FOR UPDATE
 ), took AS (
     UPDATE sandbox_sessions AS s
-    SET attempt_id = $3, attempt_until = now() + make_interval(secs => $4), pause_attempts = $5,
-        updated_at = now()
-    FROM cur
-    WHERE s.sandbox_id = cur.sandbox_id AND cur.state = 'PAUSING' AND cur.generation = $2
-      AND (cur.attempt_until IS NULL OR cur.attempt_until <= now())
-    RETURNING s.claimed_activity, s.idle_timeout_s
+    SET attempt_id = w.attempt_id, attempt_until = now() + make_interval(secs => $5),
+        pause_attempts = w.attempts, updated_at = now()
+    FROM want AS w, cur AS c
+    WHERE s.sandbox_id = w.sandbox_id AND c.sandbox_id = w.sandbox_id
+      AND c.state = 'PAUSING' AND c.generation = w.generation
+      AND (c.attempt_until IS NULL OR c.attempt_until <= now())
+    RETURNING s.sandbox_id, s.claimed_activity, s.idle_timeout_s
 )
-SELECT EXISTS (SELECT 1 FROM took) AS taken,
-       (SELECT claimed_activity FROM took) AS claimed_activity,
-       (SELECT idle_timeout_s FROM took) AS idle_timeout_s,
-       cur.state = 'PAUSING' AND cur.generation = $2 AS backed,
-       greatest(0, extract(epoch FROM cur.attempt_until - now()))::float8 AS held_for
-FROM cur;
+SELECT t.sandbox_id IS NOT NULL AS taken,
+       coalesce(c.state = 'PAUSING' AND c.generation = w.generation, false) AS backed,
+       greatest(0, extract(epoch FROM c.attempt_until - now()))::float8 AS held_for,
+       t.claimed_activity, t.idle_timeout_s
+FROM want AS w
+LEFT JOIN cur AS c ON c.sandbox_id = w.sandbox_id
+LEFT JOIN took AS t ON t.sandbox_id = w.sandbox_id
+ORDER BY w.n;
 
 -- name: renew_attempt
 -- An attempt that waited long for the rate limiter renews its hold before calling
@@ -214,36 +232,52 @@ UPDATE sandbox_sessions
 SET pause_attempts = $4, last_error = $5, attempt_until = now(), updated_at = now()
 WHERE sandbox_id = $1 AND state = 'PAUSING' AND generation = $2 AND attempt_id = $3;
 
--- name: finish_pause
--- The compare-and-set that closes a pause: only a row still PAUSING with the
--- command's generation and this attempt moves. When it does not, the answer
--- tells where the row went (activity during the call sends it to RUNNING).
-WITH cur AS (
-    SELECT sandbox_id, state, generation FROM sandbox_sessions WHERE sandbox_id = $1 FOR UPDATE
+-- name: finish_pauses
+-- The compare-and-sets that close pauses, for a batch (one per sandbox): only a
+-- row still PAUSING with its command's generation and attempt moves. For the
+-- others the answer tells where the row went (activity during the call sends
+-- it to RUNNING). Answers in the order asked.
+WITH done AS (
+    SELECT * FROM unnest(
+        $1::text[], $2::bigint[], $3::uuid[], $4::text[], $5::text[], $6::timestamptz[],
+        $7::timestamptz[], $8::timestamptz[], $9::int[], $10::timestamptz[], $11::float8[],
+        $12::bool[], $13::text[]) WITH ORDINALITY
+        AS d(sandbox_id, generation, attempt_id, to_state, error, retry_after, due_at, dry_run_at,
+             attempts, end_at, lifetime_left_s, check_later, reason, n)
+), cur AS (
+    SELECT s.sandbox_id, s.state, s.generation FROM sandbox_sessions AS s
+    WHERE s.sandbox_id IN (SELECT sandbox_id FROM done)
+    ORDER BY s.sandbox_id
+    FOR UPDATE
 ), moved AS (
     UPDATE sandbox_sessions AS s
-    SET state = $4,
-        paused_at = CASE WHEN $4 = 'PAUSED' THEN now() ELSE s.paused_at END,
-        killed_at = CASE WHEN $4 = 'KILLED' THEN now() ELSE s.killed_at END,
-        retry_after = $6,
-        pause_due_at = CASE WHEN $4 = 'RUNNING' THEN GREATEST(s.pause_due_at, $7) ELSE s.pause_due_at END,
-        dry_run_at = $8,
-        last_error = $5,
-        pause_attempts = $9,
-        e2b_end_at = coalesce($10, s.e2b_end_at),
-        lifetime_left_s = $11,
-        resume_requested_at = CASE WHEN $12 THEN now() ELSE NULL END,
+    SET state = d.to_state,
+        paused_at = CASE WHEN d.to_state = 'PAUSED' THEN now() ELSE s.paused_at END,
+        killed_at = CASE WHEN d.to_state = 'KILLED' THEN now() ELSE s.killed_at END,
+        retry_after = d.retry_after,
+        pause_due_at = CASE WHEN d.to_state = 'RUNNING' THEN GREATEST(s.pause_due_at, d.due_at)
+                            ELSE s.pause_due_at END,
+        dry_run_at = d.dry_run_at,
+        last_error = d.error,
+        pause_attempts = d.attempts,
+        e2b_end_at = coalesce(d.end_at, s.e2b_end_at),
+        lifetime_left_s = d.lifetime_left_s,
+        resume_requested_at = CASE WHEN d.check_later THEN now() ELSE NULL END,
         attempt_until = NULL,
         updated_at = now()
-    FROM cur
-    WHERE s.sandbox_id = cur.sandbox_id AND cur.state = 'PAUSING' AND cur.generation = $2
-      AND s.attempt_id = $3
-    RETURNING s.sandbox_id, s.generation
+    FROM done AS d, cur AS c
+    WHERE s.sandbox_id = d.sandbox_id AND c.sandbox_id = d.sandbox_id
+      AND c.state = 'PAUSING' AND c.generation = d.generation AND s.attempt_id = d.attempt_id
+    RETURNING s.sandbox_id, s.generation, d.to_state, d.reason
 ), logged AS (
     INSERT INTO session_transitions (sandbox_id, from_state, to_state, reason, actor, generation)
-    SELECT sandbox_id, 'PAUSING', $4, $13, 'worker', generation FROM moved
+    SELECT sandbox_id, 'PAUSING', to_state, reason, 'worker', generation FROM moved
 )
-SELECT EXISTS (SELECT 1 FROM moved) AS moved, cur.state FROM cur;
+SELECT m.sandbox_id IS NOT NULL AS moved, c.state
+FROM done AS d
+LEFT JOIN cur AS c ON c.sandbox_id = d.sandbox_id
+LEFT JOIN moved AS m ON m.sandbox_id = d.sandbox_id
+ORDER BY d.n;
 
 -- name: take_repairs
 -- Rows whose sandbox may have been paused while in use, for this worker to check.
@@ -473,13 +507,13 @@ WITH adopted AS (
 SELECT sandbox_id FROM adopted;
 
 -- name: record_sizes
--- What E2B says of each listed sandbox's size and end of life.
+-- What E2B says of each listed live sandbox's size and end of life, and when it
+-- said so (a recent end of life spares the worker a get_info before its pause).
 UPDATE sandbox_sessions AS s
-SET cpu_count = u.cpu_count, memory_mb = u.memory_mb, e2b_end_at = u.end_at
-FROM unnest($1::text[], $2::int[], $3::int[], $4::timestamptz[]) AS u(sandbox_id, cpu_count, memory_mb, end_at)
-WHERE s.sandbox_id = u.sandbox_id
-  AND (s.cpu_count IS DISTINCT FROM u.cpu_count OR s.memory_mb IS DISTINCT FROM u.memory_mb
-       OR s.e2b_end_at IS DISTINCT FROM u.end_at);
+SET cpu_count = u.cpu_count, memory_mb = u.memory_mb, e2b_end_at = u.end_at, e2b_seen_at = $5
+FROM unnest($1::text[], $2::int[], $3::int[], $4::timestamptz[])
+    AS u(sandbox_id, cpu_count, memory_mb, end_at)
+WHERE s.sandbox_id = u.sandbox_id AND s.state IN ('RUNNING', 'PAUSING', 'PAUSED');
 
 -- name: db_now
 SELECT now();
