@@ -49,6 +49,11 @@ def at_least(value: float | None, bound: float) -> tuple[str, bool | None]:
     return f">= {bound:g}", None if value is None else value >= bound
 
 
+def at_most(value: float | None, bound: float) -> tuple[str, bool | None]:
+    """(target text, met?) for an upper bound."""
+    return f"<= {bound:g}", None if value is None else value <= bound
+
+
 @dataclass
 class Context:
     """What a benchmark gets: base settings, its sizes, the process registry and a place for details."""

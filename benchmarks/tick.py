@@ -1,26 +1,46 @@
-"""The scheduler tick on a large table: one that claims every idle session, one that finds none.
+"""The scheduler tick on a large table: one that claims every idle session, then many that find none.
 
 The table holds ``tick_sessions`` rows, ``tick_idle`` of them RUNNING past
-their deadline. The claim caps are raised so one tick takes them all; the
-tick's time includes publishing the pause commands with confirms. The plans
-of the claim and of the running count (EXPLAIN ANALYZE, in a transaction
-rolled back) show which indexes they use.
+their deadline, and an ingest replica runs (no tick claims without one). The
+claim caps are raised so one tick takes them all; its time includes publishing
+the pause commands with confirms, beside the same number of confirmed
+publishes alone. Then ``QUIET_TICKS`` ticks find nothing due: their median
+wall and CPU time, and the CPU share of the default cron (every 5 s, the
+minutely sweeps included). The plans (EXPLAIN ANALYZE, rolled back) show which
+indexes the statements use.
 """
 
 from __future__ import annotations
 
-import asyncio
+import dataclasses
 import re
+import statistics
+import time
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
+from aio_pika.abc import AbstractChannel
 
-from benchmarks.common import Context, Figure, Timer, connected, depth, dsn, isolated
-from benchmarks.data import seed_sessions
+from benchmarks.common import (
+    Context,
+    Figure,
+    Timer,
+    at_least,
+    at_most,
+    connected,
+    depth,
+    dsn,
+    isolated,
+    wait_for,
+)
+from benchmarks.data import messages, publish_pipelined, seed_sessions
+from benchmarks.ingest import ingest_command
+from benchmarks.processes import child_env
 from consumer import broker
 from consumer.broker import Names
 from consumer.health import Health
-from consumer.scheduler import Scheduler
+from consumer.scheduler import Scheduler, TickResult
 from consumer.settings import Settings
 from consumer.store import Store, queries
 
@@ -50,23 +70,25 @@ def indexes_used(plan: str) -> list[str]:
     return sorted({name for pair in found for name in pair if name})
 
 
-async def one_tick(settings: Settings, store: Store, conn: asyncpg.Connection) -> dict[str, Any]:
-    """Run one tick through the scheduler role; its wall time and what it recorded."""
-    opened = await broker.Broker.connect(settings, "bench-tick")
-    try:
-        scheduler = Scheduler(settings, store, opened, Health())
-        timer = Timer()
-        await scheduler.run(asyncio.Event(), once=True)
-        seconds = timer.elapsed
-    finally:
-        await opened.close()
-    row = await conn.fetchrow(
-        """SELECT claimed, skipped, error, extract(epoch FROM finished_at - started_at) AS recorded
-           FROM scheduler_ticks ORDER BY started_at DESC LIMIT 1"""
+async def caught_up(conn: asyncpg.Connection) -> bool:
+    """An ingest replica beats and has committed a watermark: the gate lets ticks claim."""
+    return bool(
+        await conn.fetchval(
+            "SELECT count(*) FROM ingest_replicas"
+            " WHERE watermark IS NOT NULL AND beat_at > now() - interval '5 seconds'"
+        )
     )
-    if row is None or row["error"] or row["skipped"]:
-        raise RuntimeError(f"the tick did not run cleanly: {dict(row) if row else None}")
-    return {"seconds": seconds, "claimed": row["claimed"], "recorded_s": float(row["recorded"])}
+
+
+async def publish_rate(channel: AbstractChannel, settings: Settings, count: int) -> float:
+    """Messages/s of ``count`` command-sized messages, confirmed and pipelined, to a scratch queue."""
+    queue = await channel.declare_queue(exclusive=True)
+    body = b'{"command_id":"00000000-0000-0000-0000-000000000000","sandbox_id":"x","generation":1}'
+    first, last = await publish_pipelined(
+        channel.default_exchange, messages((queue.name, body) for _ in range(count))
+    )
+    await queue.delete(if_unused=False, if_empty=False)
+    return count / (last - first)
 
 
 async def run(ctx: Context) -> list[Figure]:
@@ -76,27 +98,45 @@ async def run(ctx: Context) -> list[Figure]:
         seed_s = await seed_sessions(conn, total, idle=idle)
         ctx.say(f"   seeded {total:,} sessions ({idle:,} idle) in {seed_s:.1f} s")
         sql = queries()
+        now = await conn.fetchval("SELECT now()")
         plans = {
-            "claim_idle": await explain(conn, sql["claim_idle"], settings.claim_batch_size),
+            "earliest_due": await explain(conn, sql["earliest_due"]),
+            "claim_idle": await explain(conn, sql["claim_idle"], settings.claim_batch_size, now),
             "running_count": await explain(conn, sql["running_count"]),
         }
         for name, plan in plans.items():
             ctx.say(
                 f"-- EXPLAIN (ANALYZE, BUFFERS) {name}:\n" + "\n".join("   " + s for s in plan.splitlines())
             )
+        # a live ingest replica: without one vouching for idleness, no tick claims
+        ingest = ctx.procs.start("ingest", ingest_command(), child_env(settings))
         store = await Store.connect(dsn(settings), settings.database_schema, size=settings.db_pool_size)
+        opened = await broker.Broker.connect(settings, "bench-tick")
         try:
-            busy = await one_tick(settings, store, conn)
+            await wait_for(lambda: caught_up(conn), timeout=60, what="ingest caught up", interval=0.1)
+            scheduler = Scheduler(settings, store, opened, Health())
+            scheduler.commands = await opened.publisher(opened.names.commands_exchange, confirm=True)
+            publish = await publish_rate(channel, settings, idle)
+            busy = await timed_tick(scheduler, datetime.now(UTC))
             queued, _ = await depth(channel, Names(settings.topology_prefix).pause_queue)
-            if busy["claimed"] != idle or queued != idle:
-                raise RuntimeError(f"claimed {busy['claimed']}, queued {queued}, of {idle} idle sessions")
-            quiet = await one_tick(settings, store, conn)
+            if busy.claimed != idle or queued != idle:
+                raise RuntimeError(f"claimed {busy.claimed}, queued {queued}, of {idle} idle sessions")
+            quiet = await quiet_ticks(scheduler, QUIET_TICKS)
         finally:
+            await opened.close()
             await store.close()
-    ctx.say(f"   tick claiming {idle:,}: {busy['seconds']:.2f} s; nothing idle: {quiet['seconds']:.3f} s")
-    ctx.details[BENCH] = {"seed_s": seed_s, "busy": busy, "quiet": quiet, "plans": plans}
+            await ctx.procs.stop(ingest)
+    seconds = busy.detail["seconds"]
+    claims = idle / seconds
+    ctx.say(
+        f"   tick claiming {idle:,}: {seconds:.2f} s ({claims:,.0f}/s, publishing alone {publish:,.0f}/s);"
+        f" nothing due: median {quiet['median_ms']:.2f} ms of {QUIET_TICKS}"
+    )
+    ctx.details[BENCH] = {"seed_s": seed_s, "busy_s": seconds, "quiet": quiet, "plans": plans}
+    ratio = claims / publish
+    # the default cron ticks every 5 s; the sweeps run once a minute
+    share = (12 * quiet["median_cpu_ms"] + quiet["maintenance_cpu_ms"]) / 60_000
     batches = -(-idle // settings.claim_batch_size)
-    claim_ms, count_ms = execution_ms(plans["claim_idle"]), execution_ms(plans["running_count"])
     return [
         Figure(
             BENCH,
@@ -108,30 +148,87 @@ async def run(ctx: Context) -> list[Figure]:
         Figure(
             BENCH,
             f"tick claiming {idle:,} idle (commands published)",
-            busy["seconds"],
+            seconds,
             "s",
-            note=f"{idle / busy['seconds']:,.0f} claims/s; claim statements: {batches} of "
-            f"{settings.claim_batch_size} rows, each followed by its confirmed publishes",
+            note=f"{claims:,.0f} claims/s; {batches} claim statements of {settings.claim_batch_size} rows,"
+            " each followed by its confirmed publishes",
+        ),
+        Figure(BENCH, "publish with confirms, pipelined (same run)", publish, "msg/s"),
+        Figure(
+            BENCH, f"claims / confirmed publishes, {idle:,}-claim tick", ratio, "ratio", *at_least(ratio, 0.9)
         ),
         Figure(
             BENCH,
-            "tick with nothing idle",
-            quiet["seconds"] * 1000,
+            f"tick with nothing due, {total:,} sessions",
+            quiet["median_ms"],
             "ms",
-            note=f"the tick's own record: {quiet['recorded_s'] * 1000:.1f} ms",
+            *at_most(quiet["median_ms"], 2.0),
+            note=f"median of {QUIET_TICKS} ticks; p90 {quiet['p90_ms']:.2f} ms;"
+            f" CPU {quiet['median_cpu_ms']:.2f} ms; the minutely sweeps {quiet['maintenance_ms']:.0f} ms",
+        ),
+        Figure(
+            BENCH,
+            "tick CPU at the default cron (every 5 s)",
+            share * 100,
+            "% of a core",
+            *at_most(share * 100, 1.0),
+            note="12 ticks a minute, one with the sweeps",
+        ),
+        Figure(
+            BENCH,
+            "earliest_due (EXPLAIN ANALYZE)",
+            execution_ms(plans["earliest_due"]),
+            "ms",
+            note="indexes: " + ", ".join(indexes_used(plans["earliest_due"])),
         ),
         Figure(
             BENCH,
             f"claim_idle, {settings.claim_batch_size} rows (EXPLAIN ANALYZE)",
-            claim_ms,
+            execution_ms(plans["claim_idle"]),
             "ms",
             note="indexes: " + ", ".join(indexes_used(plans["claim_idle"])),
         ),
         Figure(
             BENCH,
-            "running_count (EXPLAIN ANALYZE)",
-            count_ms,
+            "running_count (EXPLAIN ANALYZE, only when something is due)",
+            execution_ms(plans["running_count"]),
             "ms",
             note="indexes: " + (", ".join(indexes_used(plans["running_count"])) or "none"),
         ),
     ]
+
+
+QUIET_TICKS = 100
+
+
+async def timed_tick(scheduler: Scheduler, tick_at: datetime) -> TickResult:
+    timer = Timer()
+    result = await scheduler.tick(tick_at)
+    if result.error or result.skipped:
+        raise RuntimeError(f"the tick did not run cleanly: {result}")
+    return dataclasses.replace(result, detail={**result.detail, "seconds": timer.elapsed})
+
+
+async def quiet_ticks(scheduler: Scheduler, count: int) -> dict[str, float]:
+    """``count`` ticks with nothing due (distinct fire times), after one with the minutely sweeps."""
+    base = datetime.now(UTC).replace(microsecond=0) + timedelta(hours=1)
+    scheduler.maintained_at = float("-inf")
+    cpu, timer = time.process_time(), Timer()
+    await scheduler.tick(base)
+    maintenance = (timer.elapsed * 1000, (time.process_time() - cpu) * 1000)
+    walls, cpus = [], []
+    for i in range(1, count + 1):
+        cpu, timer = time.process_time(), Timer()
+        result = await scheduler.tick(base + timedelta(seconds=5 * i))
+        walls.append(timer.elapsed * 1000)
+        cpus.append((time.process_time() - cpu) * 1000)
+        if result.error or result.claimed:
+            raise RuntimeError(f"a quiet tick did something: {result}")
+    walls.sort()
+    return {
+        "median_ms": statistics.median(walls),
+        "p90_ms": walls[int(len(walls) * 0.9)],
+        "median_cpu_ms": statistics.median(cpus),
+        "maintenance_ms": maintenance[0],
+        "maintenance_cpu_ms": maintenance[1],
+    }
