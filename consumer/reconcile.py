@@ -154,7 +154,7 @@ class Reconciler:
     async def _deduplicated(self, run_at: datetime, dry_run: bool) -> Outcome:
         if dry_run:
             return await self._reconcile(dry_run=True)
-        async with self.store.tick_lock(self.lock_name) as got:
+        async with self.store.advisory_lock(self.lock_name) as got:
             if not got:
                 return Outcome(skipped="busy")
             if not await self.store.start_reconcile(run_at, self.replica):

@@ -1,10 +1,11 @@
 """The scheduler role: an aiocron tick that claims idle sessions and publishes pause commands.
 
 A tick runs once across all replicas (a row per scheduled time in
-``scheduler_ticks``) and never overlaps another (an advisory lock held for its
-whole length). It claims only what ingest can vouch for (:func:`freshness_gate`):
-with no ingest consuming, beating and committing its watermark, it claims
-nothing and records why. Claims are committed before their commands are
+``scheduler_ticks``) and does not overlap another (a lease row in ``run_leases``,
+taken in the same statement that records the tick). A tick with nothing due
+costs three round trips: begin, probe, finish. It claims only what ingest can
+vouch for (:func:`freshness_gate`): with no ingest consuming, beating and
+committing its watermark, it claims nothing and records why. Claims are committed before their commands are
 published; a command the broker does not confirm releases its claim at once,
 and one lost after its confirm is published again when its lease runs out.
 """
@@ -32,12 +33,15 @@ from consumer.health import Health
 from consumer.settings import Settings
 from consumer.store import Claim, IngestView, Store
 from consumer.timing import iter_ticks
-from schemas import PauseCommand
+from schemas import CommandReason, PauseCommand
 
 log = logging.getLogger(__name__)
 
 # Seconds between the sweeps a tick need not make every time (retention, gauges...).
 MAINTENANCE_EVERY = 60.0
+# Seconds a replica holds the tick lease; a replica that dies mid-tick delays the
+# next ticks by at most this much. A longer tick is safe: claims are row-locked.
+TICK_LEASE = 30.0
 
 
 @dataclass(frozen=True)
@@ -79,8 +83,8 @@ def freshness_gate(
     now = view.now
     fresh = [r for r in view.replicas if (now - r.beat_at).total_seconds() <= stale_after]
     held = sum(r.held for r in fresh)
-    marks = [r.watermark for r in view.replicas]
-    watermark = min(marks) if marks and None not in marks else None  # type: ignore[type-var]
+    marks = [r.watermark for r in view.replicas if r.watermark is not None]
+    watermark = min(marks) if marks and len(marks) == len(view.replicas) else None
     detail: dict[str, Any] = {
         "consumers": events.consumers,
         "ready": events.ready,
@@ -131,14 +135,14 @@ def scheduled_time(spec: str, now: datetime, tolerance: timedelta = timedelta(se
     return best
 
 
-def pause_command(claim: Claim, reason: str) -> tuple[str, bytes, str]:
+def pause_command(claim: Claim, reason: CommandReason) -> tuple[str, bytes, str]:
     """(routing key, body, message id) of the command for one claim."""
     command = PauseCommand(
         command_id=uuid.uuid4(),
         sandbox_id=claim.sandbox_id,
         generation=claim.generation,
         issued_at=datetime.now(UTC),
-        reason=reason,  # type: ignore[arg-type]
+        reason=reason,
     )
     return PAUSE_ROUTING_KEY, command.model_dump_json().encode(), str(command.command_id)
 
@@ -220,36 +224,40 @@ class Scheduler:
         return result
 
     async def _tick(self, tick_at: datetime) -> TickResult:
-        async with self.store.tick_lock(self.lock_name) as got:
-            if not got:
-                return TickResult(skipped="busy")
-            if not await self.store.start_tick(tick_at, self.replica):
-                return TickResult(skipped="taken")
-            try:
-                result = await self._work()
-            except StoreUnavailable:
-                raise
-            except Exception as exc:  # recorded in the tick's row, then in the log
-                result = TickResult(error=f"{type(exc).__name__}: {exc}")
-            await self.store.finish_tick(
-                tick_at,
-                claimed=result.claimed,
-                republished=result.republished,
-                expired=result.expired,
-                skipped=result.skipped,
-                error=result.error,
-                detail=result.detail or None,
-            )
-            return result
+        begun = await self.store.begin_tick(self.lock_name, tick_at, self.replica, TICK_LEASE)
+        if not begun.leased:
+            return TickResult(skipped="busy")
+        if not begun.started:
+            return TickResult(skipped="taken")
+        try:
+            result = await self._work()
+        except StoreUnavailable:
+            raise
+        except Exception as exc:  # recorded in the tick's row, then in the log
+            result = TickResult(error=f"{type(exc).__name__}: {exc}")
+        await self.store.finish_tick(
+            self.lock_name,
+            self.replica,
+            tick_at,
+            claimed=result.claimed,
+            republished=result.republished,
+            expired=result.expired,
+            skipped=result.skipped,
+            error=result.error,
+            detail=result.detail or None,
+        )
+        return result
 
     async def _work(self) -> TickResult:
         settings = self.settings
-        republished, error = await self._renew_leases()
+        # the sweeps first: leaving dry run makes parked rows due for this very tick
         expired = await self._maintain() if self._maintenance_due() else 0
+        probe = await self.store.renew_leases_and_probe(settings.pause_lease, settings.claim_batch_size)
+        republished, error = await self._renew_leases(probe.renewed)
         done = TickResult(republished=republished, expired=expired, error=error)
         if not settings.auto_pause_enabled:
             return dataclasses.replace(done, skipped="disabled")
-        now, first_due = await self.store.earliest_due()
+        now, first_due = probe.now, probe.first_due
         if first_due is None or first_due > now:
             # nothing is due: the common tick ends after one probe of the idle index
             wait = round((first_due - now).total_seconds(), 3) if first_due is not None else None
@@ -301,15 +309,18 @@ class Scheduler:
             metrics.QUEUE_CONSUMERS.labels(queue).set(depth.consumers)
         return expired
 
-    async def _renew_leases(self) -> tuple[int, str | None]:
-        """Send again the commands of claims whose lease ran out; (how many went out, error)."""
+    async def _renew_leases(self, first: list[Claim]) -> tuple[int, str | None]:
+        """Send again the commands of claims whose lease ran out, starting with the batch the
+        tick's probe renewed; (how many went out, error)."""
         batch = self.settings.claim_batch_size
         republished = 0
-        while renewed := await self.store.renew_expired_leases(self.settings.pause_lease, batch):
+        renewed = first
+        while renewed:
             sent, error = await self._send(renewed, "lease_expired")
             republished += sent
             if error or len(renewed) < batch:
                 return republished, error
+            renewed = await self.store.renew_expired_leases(self.settings.pause_lease, batch)
         return republished, None
 
     async def _claim(self, until: datetime) -> tuple[int, str | None]:
@@ -331,7 +342,7 @@ class Scheduler:
                 return claimed, error
         return claimed, None
 
-    async def _send(self, claims: list[Claim], reason: str) -> tuple[int, str | None]:
+    async def _send(self, claims: list[Claim], reason: CommandReason) -> tuple[int, str | None]:
         """Publish a command per claim; release at once the claims whose command did not go out."""
         assert self.commands is not None
         items = [Outgoing(*pause_command(claim, reason)) for claim in claims]

@@ -75,6 +75,21 @@ class Claim:
 
 
 @dataclass(frozen=True)
+class TickStart:
+    leased: bool  # no other replica is mid-tick
+    started: bool  # and no replica ran this scheduled time yet
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What every tick reads first."""
+
+    now: datetime  # the database's clock
+    first_due: datetime | None  # the first deadline of a RUNNING row
+    renewed: list[Claim]  # claims whose lease ran out, renewed: send their commands again
+
+
+@dataclass(frozen=True)
 class Attempt:
     """The compare-and-set before an E2B call: ``taken``, or why not."""
 
@@ -372,23 +387,28 @@ class Store:
     # scheduler
 
     @asynccontextmanager
-    async def tick_lock(self, name: str) -> AsyncIterator[bool]:
-        """Hold a cluster-wide advisory lock for one tick; yields False if another replica holds it."""
+    async def advisory_lock(self, name: str) -> AsyncIterator[bool]:
+        """Hold a cluster-wide advisory lock for a long run; yields False if another replica holds it."""
         async with self._conn() as conn:
-            got = bool(await conn.fetchval(queries()["try_tick_lock"], name))
+            got = bool(await conn.fetchval(queries()["try_advisory_lock"], name))
             try:
                 yield got
             finally:
                 if got:
-                    await conn.fetchval(queries()["tick_unlock"], name)
+                    await conn.fetchval(queries()["advisory_unlock"], name)
 
-    async def start_tick(self, tick_at: datetime, replica: str) -> bool:
-        """Record a tick; False if another replica already took this one."""
-        async with self._conn() as conn:
-            return await conn.fetchval(queries()["start_tick"], tick_at, replica) is not None
+    async def begin_tick(self, lease: str, tick_at: datetime, replica: str, lease_s: float) -> TickStart:
+        """Take the tick lease and record the tick in one round trip."""
+        row = await self._row("begin_tick", lease, tick_at, replica, lease_s)
+        assert row is not None
+        if row["leased"] and not row["started"]:
+            await self._exec("release_lease", lease, replica)
+        return TickStart(leased=row["leased"], started=row["started"])
 
     async def finish_tick(
         self,
+        lease: str,
+        replica: str,
         tick_at: datetime,
         *,
         claimed: int,
@@ -399,16 +419,12 @@ class Store:
         detail: dict[str, Any] | None = None,
     ) -> None:
         figures = orjson.dumps(detail).decode() if detail is not None else None
-        await self._exec("finish_tick", tick_at, claimed, republished, expired, skipped, error, figures)
+        await self._exec(
+            "finish_tick", tick_at, claimed, republished, expired, skipped, error, figures, lease, replica
+        )
 
     async def running_count(self) -> int:
         return int(await self._val("running_count"))
-
-    async def earliest_due(self) -> tuple[datetime, datetime | None]:
-        """(the database's clock, the first deadline of a RUNNING row or None)."""
-        row = await self._row("earliest_due")
-        assert row is not None
-        return row["now"], row["due"]
 
     async def prune_ticks(self) -> None:
         await self._exec("prune_ticks")
@@ -446,6 +462,13 @@ class Store:
         """Make a RUNNING row due for a pause now; the row's state (None: no such row)."""
         state: str | None = await self._val("make_due", sandbox_id)
         return state
+
+    async def renew_leases_and_probe(self, lease_s: float, limit: int) -> Probe:
+        """The first batch of expired claims, renewed, and the first deadline of a RUNNING row."""
+        row = await self._row("renew_leases_and_probe", lease_s, limit)
+        assert row is not None
+        renewed = [Claim(i, g) for i, g in zip(row["sandbox_ids"], row["generations"], strict=True)]
+        return Probe(now=row["now"], first_due=row["due"], renewed=renewed)
 
     async def renew_expired_leases(self, lease_s: float, limit: int) -> list[Claim]:
         rows = await self._rows("renew_expired_leases", lease_s, limit)

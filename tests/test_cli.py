@@ -132,18 +132,25 @@ async def test_keep_alive_keeps_a_sandbox_out_of_the_tick(seeded: Settings, stor
     assert kept.returncode == 0, kept.stderr
     async with service(seeded, {"ingest"}):  # the tick claims only while ingest keeps up
         await wait_for(lambda: ingest_caught_up(seeded), what="ingest caught up")
-        async with store.pool.acquire() as conn:  # every deadline but the keep-alive has passed
-            await conn.execute("UPDATE sandbox_sessions SET pause_due_at = GREATEST(now(), keep_alive_until)")
+        async with store.pool.acquire() as conn:  # every deadline but the keep-alive passed a minute ago
+            await conn.execute(
+                "UPDATE sandbox_sessions"
+                " SET pause_due_at = GREATEST(now() - interval '1 minute', keep_alive_until)"
+            )
         tick = await cli(seeded, "run", "scheduler", "--once")
         assert tick.returncode == 0, tick.stdout
+        async with store.pool.acquire() as conn:
+            pausing = await conn.fetchval("SELECT count(*) FROM sandbox_sessions WHERE state = 'PAUSING'")
+        assert pausing > 0, "the tick claimed nothing at all"
         assert (await store.get_session("sbx-idle"))["state"] == "RUNNING"  # type: ignore[index]
         # without the keep-alive the same tick claims it
         async with store.pool.acquire() as conn:
             await conn.execute(
-                "UPDATE sandbox_sessions SET keep_alive_until = NULL, pause_due_at = now()"
-                " WHERE sandbox_id = 'sbx-idle'"
+                "UPDATE sandbox_sessions SET keep_alive_until = NULL,"
+                " pause_due_at = now() - interval '1 minute' WHERE sandbox_id = 'sbx-idle'"
             )
-        await cli(seeded, "run", "scheduler", "--once")
+        tick = await cli(seeded, "run", "scheduler", "--once")
+        assert tick.returncode == 0, tick.stdout
     row = await store.get_session("sbx-idle")
     assert row is not None and row["state"] == "PAUSING"
 

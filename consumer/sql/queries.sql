@@ -47,30 +47,45 @@ INSERT INTO session_transitions (sandbox_id, from_state, to_state, reason, actor
 SELECT * FROM unnest(
     $1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[], $7::jsonb[]);
 
--- name: start_tick
-INSERT INTO scheduler_ticks (tick_at, replica) VALUES ($1, $2)
-ON CONFLICT (tick_at) DO NOTHING
-RETURNING tick_at;
+-- name: begin_tick
+-- Take the tick lease (free, expired, or already ours) and record the tick in
+-- one statement: (leased, started). Leased but not started means another
+-- replica already ran this scheduled time; the caller gives the lease back.
+WITH lease AS (
+    INSERT INTO run_leases (name, holder, until)
+    VALUES ($1, $3, now() + make_interval(secs => $4))
+    ON CONFLICT (name) DO UPDATE SET holder = EXCLUDED.holder, until = EXCLUDED.until
+    WHERE run_leases.until <= now() OR run_leases.holder = EXCLUDED.holder
+    RETURNING name
+), tick AS (
+    INSERT INTO scheduler_ticks (tick_at, replica)
+    SELECT $2, $3 FROM lease
+    ON CONFLICT (tick_at) DO NOTHING
+    RETURNING tick_at
+)
+SELECT EXISTS (SELECT FROM lease) AS leased, EXISTS (SELECT FROM tick) AS started;
 
 -- name: finish_tick
-UPDATE scheduler_ticks
-SET finished_at = clock_timestamp(), claimed = $2, republished = $3, expired = $4,
-    skipped = $5, error = $6, detail = $7::jsonb
-WHERE tick_at = $1;
+-- Record what the tick did and give the lease back, in one statement.
+WITH done AS (
+    UPDATE scheduler_ticks
+    SET finished_at = clock_timestamp(), claimed = $2, republished = $3, expired = $4,
+        skipped = $5, error = $6, detail = $7::jsonb
+    WHERE tick_at = $1
+)
+DELETE FROM run_leases WHERE name = $8 AND holder = $9;
 
--- name: try_tick_lock
+-- name: release_lease
+DELETE FROM run_leases WHERE name = $1 AND holder = $2;
+
+-- name: try_advisory_lock
 SELECT pg_try_advisory_lock(hashtext($1));
 
--- name: tick_unlock
+-- name: advisory_unlock
 SELECT pg_advisory_unlock(hashtext($1));
 
 -- name: running_count
 SELECT count(*) FROM sandbox_sessions WHERE state = 'RUNNING';
-
--- name: earliest_due
--- The first deadline of a RUNNING row, through the partial idle index: a tick
--- with nothing due ends here.
-SELECT now() AS now, min(pause_due_at) AS due FROM sandbox_sessions WHERE state = 'RUNNING';
 
 -- name: prune_ticks
 -- Tick and reconcile records older than a day: the recent ones are for status and the audit.
@@ -128,6 +143,28 @@ WITH stale AS (
 UPDATE sandbox_sessions AS s SET claimed_at = now(), updated_at = now()
 FROM stale WHERE s.sandbox_id = stale.sandbox_id
 RETURNING s.sandbox_id, s.generation;
+
+-- name: renew_leases_and_probe
+-- The start of every tick in one round trip: the first batch of claims whose
+-- lease ran out (renewed, to be sent again) and the first deadline of a RUNNING
+-- row (through the partial idle index). A tick with nothing due ends here.
+WITH stale AS (
+    SELECT sandbox_id FROM sandbox_sessions
+    WHERE state = 'PAUSING' AND claimed_at < now() - make_interval(secs => $1)
+      AND (attempt_until IS NULL OR attempt_until <= now())
+    ORDER BY claimed_at
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+), renewed AS (
+    UPDATE sandbox_sessions AS s SET claimed_at = now(), updated_at = now()
+    FROM stale WHERE s.sandbox_id = stale.sandbox_id
+    RETURNING s.sandbox_id, s.generation
+)
+SELECT now() AS now,
+       (SELECT min(pause_due_at) FROM sandbox_sessions WHERE state = 'RUNNING') AS due,
+       coalesce(array_agg(sandbox_id), '{}') AS sandbox_ids,
+       coalesce(array_agg(generation), '{}') AS generations
+FROM renewed;
 
 -- name: expire_paused
 WITH old AS (
