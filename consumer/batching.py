@@ -72,3 +72,26 @@ class Batcher(Generic[T, R]):
             for (_, future), answer in zip(batch, answers, strict=True):
                 if not future.done():
                     future.set_result(answer)
+
+
+async def distinct_rounds(
+    items: list[T], key: Callable[[T], str], call: Callable[[list[T]], Awaitable[Sequence[R]]]
+) -> list[R]:
+    """Answer ``items`` in order, calling ``call`` on items of distinct keys at a time.
+
+    One statement may take each row once: a batch that holds two commands for
+    one sandbox sends the second in a later round.
+    """
+    answers: dict[int, R] = {}
+    pending = list(enumerate(items))
+    while pending:
+        seen: set[str] = set()
+        now: list[tuple[int, T]] = []
+        later: list[tuple[int, T]] = []
+        for i, item in pending:
+            (later if key(item) in seen else now).append((i, item))
+            seen.add(key(item))
+        for (i, _), answer in zip(now, await call([item for _, item in now]), strict=True):
+            answers[i] = answer
+        pending = later
+    return [answers[i] for i in range(len(items))]

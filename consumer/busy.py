@@ -20,7 +20,8 @@ import logging
 from datetime import datetime
 
 from consumer import metrics
-from consumer.e2b_adapter import METRICS_BATCH, CpuSample, E2BClient, E2BError
+from consumer.e2b_adapter import METRICS_BATCH, CpuSample, E2BClient
+from consumer.errors import E2BError
 from consumer.ratelimit import TokenBucket
 
 log = logging.getLogger(__name__)

@@ -45,7 +45,7 @@ from e2b.exceptions import (
 )
 from e2b.sandbox.sandbox_api import SnapshotMode
 
-from consumer.errors import AutopauseError
+from consumer.errors import E2BError
 
 DEFAULT_API_URL = "https://api.e2b.app"
 _RETRYABLE_STATUSES = frozenset({408, 425, 429})
@@ -102,14 +102,6 @@ class CallResult:
     error: str | None = None
     latency: float = 0.0
     sandbox: SandboxView | None = None
-
-
-class E2BError(AutopauseError):
-    """An E2B call other than pause failed; ``retryable`` says whether a later try may help."""
-
-    def __init__(self, message: str, *, retryable: bool) -> None:
-        super().__init__(message)
-        self.retryable = retryable
 
 
 class Access(StrEnum):

@@ -22,12 +22,12 @@ from typing import Any
 
 from consumer.broker import Broker, Names, connected, translated
 from consumer.dead_letters import DeadLetterQueue, count_reasons
-from consumer.e2b_adapter import CallOutcome, E2BClient, E2BError
-from consumer.errors import ConfigError, NotFound
+from consumer.e2b_adapter import CallOutcome, E2BClient
+from consumer.errors import ConfigError, E2BError, NotFound
 from consumer.migrate import bundled_migrations
 from consumer.settings import Settings, env_name
-from consumer.state import State
-from consumer.store import Prices, Store
+from consumer.state import Reason, State
+from consumer.store import Prices, SessionRecord, Store, TransitionRecord
 
 _RUN_MIGRATE = "run `autopause migrate`"
 
@@ -93,24 +93,22 @@ async def status(settings: Settings) -> dict[str, Any]:
     last_tick = None
     if tick is not None:
         last_tick = {
-            "tick_at": tick["tick_at"].isoformat(),
-            "replica": tick["replica"],
-            "claimed": tick["claimed"],
-            "republished": tick["republished"],
-            "expired": tick["expired"],
-            "outcome": tick["error"]
-            or tick["skipped"]
-            or ("running" if tick["finished_at"] is None else "ok"),
+            "tick_at": tick.tick_at.isoformat(),
+            "replica": tick.replica,
+            "claimed": tick.claimed,
+            "republished": tick.republished,
+            "expired": tick.expired,
+            "outcome": tick.outcome,
         }
     return {
-        "sessions": by_state,
+        "sessions": {state.value: n for state, n in by_state.items()},
         "queues": queues,
         "last_tick": last_tick,
         "last_hour": {
-            "paused": sum(n for (to, _), n in recent.items() if to == "PAUSED"),
-            "resumed": sum(n for (to, reason), n in recent.items() if reason == "resumed"),
-            "pause_failed": sum(n for (_, reason), n in recent.items() if reason == "pause_failed"),
-            "dry_run": sum(n for (_, reason), n in recent.items() if reason == "dry_run"),
+            "paused": sum(n for (to, _), n in recent.items() if to is State.PAUSED),
+            "resumed": sum(n for (_, reason), n in recent.items() if reason is Reason.RESUMED),
+            "pause_failed": sum(n for (_, reason), n in recent.items() if reason is Reason.PAUSE_FAILED),
+            "dry_run": sum(n for (_, reason), n in recent.items() if reason is Reason.DRY_RUN),
         },
         "dead_letters": dead,
         "paused_seconds": round(paused_seconds, 1),
@@ -145,27 +143,26 @@ async def list_sessions(
     state: State | None,
     idle_longer_than: timedelta | None,
     limit: int,
-) -> list[dict[str, Any]]:
+) -> list[SessionRecord]:
     """Sessions matching every filter given, least recently active first."""
     async with open_store(settings) as store:
-        rows = await store.list_sessions(
+        return await store.list_sessions(
             project=project,
             user=user,
-            state=state.value if state else None,
+            state=state,
             idle_longer_than=idle_longer_than.total_seconds() if idle_longer_than else None,
             limit=limit,
         )
-    return [dict(row) for row in rows]
 
 
-async def show_session(settings: Settings, sandbox_id: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+async def show_session(settings: Settings, sandbox_id: str) -> tuple[SessionRecord, list[TransitionRecord]]:
     """One session and its transitions, oldest first."""
     async with open_store(settings) as store:
         row = await store.get_session(sandbox_id)
         if row is None:
             raise NotFound(f"no session for sandbox {sandbox_id!r}")
         history = await store.transitions_of(sandbox_id)
-    return dict(row), [dict(h) for h in history]
+    return row, history
 
 
 async def pause_now(settings: Settings, sandbox_id: str) -> None:
@@ -174,11 +171,11 @@ async def pause_now(settings: Settings, sandbox_id: str) -> None:
         state = await store.make_due(sandbox_id)
     if state is None:
         raise NotFound(f"no session for sandbox {sandbox_id!r}")
-    if state != "RUNNING":
+    if state is not State.RUNNING:
         raise ConfigError(f"sandbox {sandbox_id} is {state}: only a RUNNING sandbox can be paused")
 
 
-async def keep_alive(settings: Settings, sandbox_id: str, duration: timedelta) -> tuple[str, datetime]:
+async def keep_alive(settings: Settings, sandbox_id: str, duration: timedelta) -> tuple[State, datetime]:
     """Never pause ``sandbox_id`` before now + ``duration``; its state and that time."""
     until = datetime.now(UTC) + duration
     async with open_store(settings) as store:
@@ -220,11 +217,11 @@ async def resume_session(settings: Settings, sandbox_id: str) -> Resumed:
         row = await store.get_session(sandbox_id)
         if row is None:
             raise NotFound(f"no session for sandbox {sandbox_id!r}")
-        if row["state"] != State.PAUSED:
-            raise ConfigError(f"sandbox {sandbox_id} is {row['state']}: only a PAUSED sandbox can be resumed")
+        if row.state is not State.PAUSED:
+            raise ConfigError(f"sandbox {sandbox_id} is {row.state}: only a PAUSED sandbox can be resumed")
         result = await client.resume(sandbox_id, settings.resume_timeout)
         if result.outcome is CallOutcome.GONE:
-            gone = await store.gone_by_operator(sandbox_id, row["generation"])
+            gone = await store.gone_by_operator(sandbox_id, row.generation)
             where = "is now KILLED (gone)" if gone.moved else f"had moved to {gone.state} meanwhile"
             raise NotFound(f"E2B has no sandbox {sandbox_id} any more; its session {where}")
         if result.outcome is not CallOutcome.OK:
@@ -235,7 +232,7 @@ async def resume_session(settings: Settings, sandbox_id: str) -> Resumed:
                 else f"check {env_name('e2b_api_key')} and {env_name('e2b_api_url')}"
             )
             raise E2BError(f"E2B did not resume {sandbox_id}: {result.error} ({hint})", retryable=retryable)
-        done = await store.resume_by_operator(sandbox_id, row["generation"], settings.default_idle_timeout)
+        done = await store.resume_by_operator(sandbox_id, row.generation, settings.default_idle_timeout)
     state = done.state.value if done.state else "unknown"
     return Resumed(sandbox_id, done.moved, state, done.pause_due_at, settings.resume_timeout)
 

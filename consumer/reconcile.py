@@ -33,8 +33,8 @@ from datetime import UTC, datetime
 import aiocron
 
 from consumer import metrics
-from consumer.e2b_adapter import CallOutcome, E2BClient, E2BError, SandboxView
-from consumer.errors import StoreUnavailable
+from consumer.e2b_adapter import CallOutcome, E2BClient, SandboxView
+from consumer.errors import E2BError, StoreUnavailable
 from consumer.health import Health
 from consumer.ratelimit import TokenBucket
 from consumer.scheduler import scheduled_time

@@ -96,7 +96,7 @@ class Repairer:
                 await self.store.delay_repair(sid, holder, self.settings.retry_base_delay * 4)
                 return
             if info.sandbox.state != "paused":
-                await self.store.finish_repair(sid, holder, "running", None)
+                await self.store.finish_repair(sid, holder, None, None)
                 return
             lifetime = resume_lifetime(
                 repair.lifetime_left_s, info.sandbox.end_at, datetime.now(UTC), self.settings.resume_timeout

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, TypeVar
 
 from consumer import health
 from consumer.broker import Broker
-from consumer.e2b_adapter import DEFAULT_API_URL, Access, AccessCheck, E2BClient, E2BError
-from consumer.errors import AutopauseError, ConfigError
+from consumer.e2b_adapter import DEFAULT_API_URL, Access, AccessCheck, E2BClient
+from consumer.errors import AutopauseError, ConfigError, E2BError
 from consumer.ratelimit import TokenBucket
 from consumer.retrying import retrying, sleep_or_stop
 from consumer.settings import PauseMode, Settings, env_name

@@ -31,6 +31,7 @@ from consumer.broker import PAUSE_ROUTING_KEY, Broker, Names, Outgoing, Publishe
 from consumer.errors import BrokerUnavailable, StoreUnavailable
 from consumer.health import Health
 from consumer.settings import Settings
+from consumer.state import Reason
 from consumer.store import Claim, IngestView, Store
 from consumer.timing import iter_ticks
 from schemas import CommandReason, PauseCommand
@@ -353,7 +354,7 @@ class Scheduler:
             confirmed, error = [False] * len(claims), f"broker: {exc}"
         refused = [claim for claim, ok in zip(claims, confirmed, strict=True) if not ok]
         if refused:
-            released = await self.store.release_claims(refused, "publish_failed")
+            released = await self.store.release_claims(refused, Reason.PUBLISH_FAILED)
             metrics.CLAIMS_RELEASED.labels("publish_failed").inc(released)
             error = error or f"the broker refused {len(refused)} of {len(claims)} commands"
             log.error(

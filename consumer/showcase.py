@@ -15,6 +15,7 @@ import orjson
 from aio_pika.abc import AbstractExchange
 
 from consumer.broker import message
+from consumer.state import Reason, State
 from consumer.store import Store
 from consumer.traffic import event_body
 
@@ -67,7 +68,7 @@ async def stage(emulator: Emulator, exchange: AbstractExchange, store: Store, st
         await exchange.publish(message(orjson.dumps(body)), routing_key="sandbox.created")
     while not stop.is_set():
         found = await store.get_session(WOKEN)
-        if found is not None and found["state"] == "PAUSED":
+        if found is not None and found.state is State.PAUSED:
             emulator.resume_outside(WOKEN)  # as E2B's auto-resume does on a request
             return
         try:
@@ -77,11 +78,11 @@ async def stage(emulator: Emulator, exchange: AbstractExchange, store: Store, st
 
 
 async def observe(store: Store) -> Scenes:
-    reasons = {sid: [t["reason"] for t in await store.transitions_of(sid)] for sid in (STRAY, AGENT, WOKEN)}
+    reasons = {sid: [t.reason for t in await store.transitions_of(sid)] for sid in (STRAY, AGENT, WOKEN)}
     return Scenes(
-        stray_adopted="adopted" in reasons[STRAY],
-        stray_paused="paused" in reasons[STRAY],
-        agent_vetoes=reasons[AGENT].count("busy_cpu"),
-        agent_paused="paused" in reasons[AGENT],
-        woken_noticed="resumed_outside" in reasons[WOKEN],
+        stray_adopted=Reason.ADOPTED in reasons[STRAY],
+        stray_paused=Reason.PAUSED in reasons[STRAY],
+        agent_vetoes=reasons[AGENT].count(Reason.BUSY_CPU),
+        agent_paused=Reason.PAUSED in reasons[AGENT],
+        woken_noticed=Reason.RESUMED_OUTSIDE in reasons[WOKEN],
     )

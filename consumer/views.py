@@ -10,7 +10,10 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
+
 from consumer.dead_letters import DeadLetter
+from consumer.store import SessionRecord, TransitionRecord
 from consumer.text import printable, printable_bytes
 
 
@@ -27,6 +30,8 @@ def _cell(value: Any) -> str:
         return "-"
     if isinstance(value, datetime):
         return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+    if isinstance(value, dict):
+        return printable(orjson.dumps(value).decode())
     return printable(str(value))
 
 
@@ -73,41 +78,38 @@ def _reasons(queue: str, counts: dict[str, int] | None) -> str:
     return f"{queue}: " + ", ".join(f"{printable(reason)} {n}" for reason, n in counts.items())
 
 
-def sessions(rows: list[dict[str, Any]]) -> str:
+def sessions(rows: list[SessionRecord]) -> str:
     if not rows:
         return "no sessions match"
     return table(
         ["sandbox", "state", "project", "user", "last activity", "pause due"],
         [
             (
-                r["sandbox_id"],
-                r["state"],
-                r["project_id"],
-                r["user_id"],
-                r["last_activity"],
-                r["pause_due_at"],
+                r.sandbox_id,
+                r.state,
+                r.project_id,
+                r.user_id,
+                r.last_activity,
+                r.pause_due_at,
             )
             for r in rows
         ],
     )
 
 
-def session(row: dict[str, Any], history: list[dict[str, Any]]) -> str:
+def session(row: SessionRecord, history: list[TransitionRecord]) -> str:
     shown = [
         "sandbox_id", "state", "project_id", "user_id", "template", "idle_timeout_s", "last_activity",
         "pause_due_at", "generation", "paused_at", "killed_at", "keep_alive_until", "retry_after",
         "pause_attempts", "last_error", "metadata", "created_at", "updated_at",
     ]  # fmt: skip
     width = max(map(len, shown))
-    lines = [f"{key.ljust(width)}  {_cell(row.get(key))}" for key in shown]
+    lines = [f"{key.ljust(width)}  {_cell(getattr(row, key))}" for key in shown]
     lines += ["", "transitions:"]
     lines.append(
         table(
             ["at", "from", "to", "reason", "actor", "generation"],
-            [
-                (h["at"], h["from_state"], h["to_state"], h["reason"], h["actor"], h["generation"])
-                for h in history
-            ],
+            [(h.at, h.from_state, h.to_state, h.reason, h.actor, h.generation) for h in history],
         )
     )
     return "\n".join(lines)

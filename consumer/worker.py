@@ -7,7 +7,7 @@ never holds one. Then, in one of ``worker_concurrency`` slots, per attempt: a
 compare-and-set takes the row (no other attempt may hold it, so a copy of the
 command never calls E2B at the same time); E2B is asked for the sandbox's end
 of life unless a recent listing gave it; the pause call; the outcome written by
-a second compare-and-set. :func:`decide` is the whole next step.
+a second compare-and-set. The decisions are pure, in consumer/pausing.py.
 
 What concurrent commands ask of Postgres (the backing reads, the two
 compare-and-sets) and the acks of the broker go out in batches, one statement
@@ -28,95 +28,34 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import TypeVar
 
 from pydantic import ValidationError
 
 from consumer import metrics
-from consumer.batching import Batcher
+from consumer.batching import Batcher, distinct_rounds
 from consumer.broker import Broker, Consumer, DeadLetter, Delivery, Outgoing, Publisher
 from consumer.busy import CpuProbe, is_busy
 from consumer.e2b_adapter import METRICS_BATCH, CallOutcome, CallResult, E2BClient
 from consumer.errors import BrokerUnavailable, StoreUnavailable
 from consumer.health import Health
+from consumer.pausing import Decision, decide, must_repair, pause_end
 from consumer.ratelimit import TokenBucket
 from consumer.repairs import Repairer
 from consumer.retrying import Stopping, retrying, sleep_or_stop
 from consumer.settings import Settings
-from consumer.state import Reason, State
+from consumer.state import Reason
 from consumer.store import Attempt, Backing, Claim, PauseEnd, PauseFinished, Store
 from consumer.timing import backoff_delay
 from schemas import COMMAND_ADAPTER, Outcome, OutcomeType, PauseCommand
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-R = TypeVar("R")
 
-# A dry-run claim parks the row until newer activity moves its deadline, or a live scheduler.
-PARKED = datetime(9999, 1, 1, tzinfo=UTC)
 # How long a database batch waits for company: a small share of a pause's E2B call.
 DB_WINDOW = 0.002
 DB_BATCH = 200
-
-
-@dataclass(frozen=True)
-class Decision:
-    """What to do after a look at E2B (or instead of one)."""
-
-    to_state: State | None  # None: try again after a backoff
-    reason: Reason | None
-    outcome: OutcomeType | None = None  # announced on sandbox.lifecycle
-    retry_after: bool = False  # the row is left alone for ``retry_after`` seconds
-    deadline_from_now: bool = False  # the idle timeout starts again now
-
-
-def decide(
-    result: CallOutcome | None, *, attempt: int, max_attempts: int, dry_run: bool, busy: bool
-) -> Decision:
-    """Pure: the worker's next step for one claim. ``result`` is what E2B's pause said (None: not asked).
-
-    ==========  =====  =================  ===========  ==========================================
-    dry run     busy   E2B said           attempt      next
-    ==========  =====  =================  ===========  ==========================================
-    yes         any    (not asked)        any          RUNNING dry_run, parked; announce paused
-    no          yes    (not asked)        any          RUNNING busy_cpu, deadline from now
-    no          no     paused             any          PAUSED paused; announce paused
-    no          no     already paused     any          PAUSED already_paused; announce paused
-    no          no     gone               any          KILLED gone; announce gone
-    no          no     retryable          < max        try again after a backoff
-    no          no     retryable          = max        RUNNING pause_failed, retry-after; announce
-    no          no     failed             any          RUNNING pause_failed, retry-after; announce
-    ==========  =====  =================  ===========  ==========================================
-    """
-    if dry_run:
-        return Decision(State.RUNNING, Reason.DRY_RUN, "sandbox.paused")
-    if busy:
-        return Decision(State.RUNNING, Reason.BUSY_CPU, deadline_from_now=True)
-    match result:
-        case CallOutcome.PAUSED:
-            return Decision(State.PAUSED, Reason.PAUSED, "sandbox.paused")
-        case CallOutcome.ALREADY_PAUSED:
-            return Decision(State.PAUSED, Reason.ALREADY_PAUSED, "sandbox.paused")
-        case CallOutcome.GONE:
-            return Decision(State.KILLED, Reason.GONE, "sandbox.gone")
-        case CallOutcome.RETRYABLE if attempt < max_attempts:
-            return Decision(None, None)
-        case _:
-            return Decision(State.RUNNING, Reason.PAUSE_FAILED, "sandbox.pause_failed", retry_after=True)
-
-
-def must_repair(result: CallOutcome | None, finished: PauseFinished) -> bool:
-    """Pure: E2B holds the sandbox paused, but activity took its row back to RUNNING meanwhile."""
-    paused = result in (CallOutcome.PAUSED, CallOutcome.ALREADY_PAUSED)
-    return paused and not finished.moved and finished.state is State.RUNNING
-
-
-def lifetime_left(end_at: datetime | None, read_at: datetime) -> float | None:
-    """Seconds of life the sandbox had when E2B was asked, or None when unknown."""
-    if end_at is None:
-        return None
-    return max(0.0, (end_at - read_at).total_seconds())
 
 
 @dataclass(frozen=True)
@@ -328,7 +267,17 @@ class Worker:
                 "attempt record", lambda: self.store.record_attempt(claim, attempt_id, attempt, error)
             )
             return Step(called=called)
-        end = self._end(decision, attempt, took, result, end_at, read_at, called_before or called)
+        end = pause_end(
+            decision,
+            attempt=attempt,
+            now=datetime.now(UTC),
+            idle_timeout_s=took.idle_timeout_s or settings.default_idle_timeout,
+            retry_after_s=settings.retry_after,
+            error=result.error if result else None,
+            end_at=end_at,
+            read_at=read_at,
+            called_pause=called_before or called,
+        )
         finished = await self._finish(claim, attempt_id, end, decision, result)
         if must_repair(result.outcome if result else None, finished):
             await self.repairer.repair_own(claim.sandbox_id, attempt_id)
@@ -400,40 +349,6 @@ class Worker:
             metrics.PAUSE_CALLS.labels(result.outcome.value).inc()
         return result
 
-    def _end(
-        self,
-        decision: Decision,
-        attempt: int,
-        took: Attempt,
-        result: CallResult | None,
-        end_at: datetime | None,
-        read_at: datetime,
-        called_pause: bool,
-    ) -> PauseEnd:
-        assert decision.to_state is not None and decision.reason is not None
-        now = datetime.now(UTC)
-        due_at = retry_after = dry_run_at = None
-        if decision.retry_after:
-            retry_after = due_at = now + timedelta(seconds=self.settings.retry_after)
-        if decision.deadline_from_now:
-            timeout = took.idle_timeout_s or self.settings.default_idle_timeout
-            due_at = now + timedelta(seconds=timeout)
-        if decision.reason is Reason.DRY_RUN:
-            due_at, dry_run_at = PARKED, now
-        return PauseEnd(
-            decision.to_state,
-            decision.reason,
-            attempt,
-            error=result.error if result else None,
-            retry_after=retry_after,
-            due_at=due_at,
-            dry_run_at=dry_run_at,
-            end_at=end_at,
-            lifetime_left_s=lifetime_left(end_at, read_at),
-            # a pause call that timed out may have paused it all the same: let a repair look
-            check_e2b_later=decision.retry_after and called_pause,
-        )
-
     async def _finish(
         self,
         claim: Claim,
@@ -484,12 +399,12 @@ class Worker:
     # batches: one statement (or one ack frame) for what concurrent commands ask at once
 
     async def _begin_batch(self, items: list[tuple[Claim, uuid.UUID, int]]) -> Sequence[Attempt]:
-        return await _one_per_sandbox(
-            items, lambda part: self.store.begin_attempts(part, self.settings.attempt_hold)
+        return await distinct_rounds(
+            items, _sandbox_of, lambda part: self.store.begin_attempts(part, self.settings.attempt_hold)
         )
 
     async def _finish_batch(self, items: list[tuple[Claim, uuid.UUID, PauseEnd]]) -> Sequence[PauseFinished]:
-        return await _one_per_sandbox(items, self.store.finish_pauses)
+        return await distinct_rounds(items, _sandbox_of, self.store.finish_pauses)
 
     async def _settle_batch(self, deliveries: list[Delivery]) -> Sequence[None]:
         assert self.consumer is not None
@@ -497,21 +412,5 @@ class Worker:
         return [None] * len(deliveries)
 
 
-async def _one_per_sandbox(
-    items: list[tuple[Claim, uuid.UUID, T]],
-    call: Callable[[list[tuple[Claim, uuid.UUID, T]]], Awaitable[list[R]]],
-) -> list[R]:
-    """Run ``call`` on items of distinct sandboxes at a time (a statement takes each row once), in order."""
-    answers: dict[int, R] = {}
-    pending = list(enumerate(items))
-    while pending:
-        seen: set[str] = set()
-        now: list[tuple[int, tuple[Claim, uuid.UUID, T]]] = []
-        later: list[tuple[int, tuple[Claim, uuid.UUID, T]]] = []
-        for i, item in pending:
-            (later if item[0].sandbox_id in seen else now).append((i, item))
-            seen.add(item[0].sandbox_id)
-        for (i, _), answer in zip(now, await call([item for _, item in now]), strict=True):
-            answers[i] = answer
-        pending = later
-    return [answers[i] for i in range(len(items))]
+def _sandbox_of(item: tuple[Claim, uuid.UUID, object]) -> str:
+    return item[0].sandbox_id

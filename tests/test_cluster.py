@@ -33,6 +33,7 @@ from rabbitmq_nodes import PrivateNode, private_nodes
 
 from consumer.broker import Names, declare_topology, message
 from consumer.settings import Settings
+from consumer.state import State
 from consumer.store import Store
 from e2b_emulator import Emulator
 
@@ -245,7 +246,7 @@ async def test_the_events_queue_leader_dies_under_load_and_nothing_is_lost(
             await publisher.send(wave(idle[:IDLE_PER_WAVE], first=True))
 
             async def paused_count() -> int:
-                return (await store.count_by_state())["PAUSED"]
+                return (await store.count_by_state())[State.PAUSED]
 
             def alive() -> None:
                 for proc in processes:
@@ -276,15 +277,15 @@ async def test_the_events_queue_leader_dies_under_load_and_nothing_is_lost(
             # nothing lost: every confirmed event is applied
             for sandbox in idle:
                 row = await store.get_session(sandbox)
-                assert row is not None and row["state"] == "PAUSED", (sandbox, row)
+                assert row is not None and row.state == "PAUSED", (sandbox, row)
             latest: dict[str, str] = {}
             for body in publisher.confirmed:
                 if body["type"] == "sandbox.activity":
                     latest[body["sandbox_id"]] = max(latest.get(body["sandbox_id"], ""), body["occurred_at"])
             for sandbox in busy:
                 row = await store.get_session(sandbox)
-                assert row is not None and row["state"] == "RUNNING", (sandbox, row)
-                assert row["last_activity"] == datetime.fromisoformat(latest[sandbox])
+                assert row is not None and row.state == "RUNNING", (sandbox, row)
+                assert row.last_activity == datetime.fromisoformat(latest[sandbox])
             # no pause made twice, none of a busy sandbox
             pauses = Counter(c.sandbox_id for c in emulator.calls("pause") if 200 <= c.status < 300)
             assert set(pauses) == set(idle)

@@ -11,6 +11,7 @@ from consumer.broker import QueueState, ack_plan
 from consumer.busy import is_busy
 from consumer.e2b_adapter import CallOutcome, CpuSample, SandboxView
 from consumer.errors import ConfigError
+from consumer.pausing import decide, must_repair
 from consumer.ratelimit import TokenBucket
 from consumer.reconcile import plan
 from consumer.repairs import resume_lifetime
@@ -18,7 +19,6 @@ from consumer.scheduler import claim_budget, freshness_gate, scheduled_time
 from consumer.state import Reason, State
 from consumer.store import IngestView, LiveRow, PauseFinished, ReplicaBeat
 from consumer.timing import backoff_delay, next_ticks, parse_duration, validate_cron
-from consumer.worker import decide, must_repair
 
 T = datetime(2026, 3, 14, 15, 9, 26, tzinfo=UTC)
 

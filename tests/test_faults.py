@@ -606,7 +606,7 @@ async def test_a_tick_during_a_broker_outage_fails_softly(
             result = await scheduler.tick(datetime.now(UTC) + timedelta(minutes=1))
         assert result.error is not None and "RabbitMQ unavailable" in result.error
         recorded = await store.last_tick()
-        assert recorded is not None and recorded["error"] == result.error
+        assert recorded is not None and recorded.error == result.error
     finally:
         await opened.close()
 

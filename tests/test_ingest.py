@@ -128,7 +128,7 @@ async def test_transitions_are_logged_for_every_change_of_state(
 ) -> None:
     await publish(channel, settings, [event("created", "sbx-log", at=ago(10)), event("killed", "sbx-log")])
     assert await runner.run(settings, {"ingest"}, burst=True) == 0
-    history = [(r["from_state"], r["to_state"], r["actor"]) for r in await store.transitions_of("sbx-log")]
+    history = [(r.from_state, r.to_state, r.actor) for r in await store.transitions_of("sbx-log")]
     assert history == [(None, "RUNNING", "ingest"), ("RUNNING", "KILLED", "ingest")]
 
 

@@ -88,7 +88,7 @@ async def test_idle_sandboxes_are_paused_and_active_ones_never(
     assert {emulator.state_of(s) for s in idle} == {"paused"}
     assert {emulator.state_of(s) for s in active} == {"running"}
     assert not [c for c in emulator.calls("pause") if c.sandbox_id in active]
-    history = [(r["to_state"], r["actor"]) for r in await store.transitions_of(idle[0])]
+    history = [(r.to_state, r.actor) for r in await store.transitions_of(idle[0])]
     assert history == [("RUNNING", "ingest"), ("PAUSING", "scheduler"), ("PAUSED", "worker")]
     announced = []
     while (msg := await lifecycle.get(fail=False, no_ack=True)) is not None:
@@ -185,8 +185,8 @@ async def test_retries_spent_return_the_row_to_running_with_a_retry_after(
     await work(failing)
     row = await store.get_session("flaky-1")
     assert row is not None
-    assert row["state"] == "RUNNING"
-    assert row["last_error"] and row["retry_after"] > datetime.now(UTC)
+    assert row.state == "RUNNING"
+    assert row.last_error and row.retry_after is not None and row.retry_after > datetime.now(UTC)
     # every attempt asks E2B first; each answer is a failure, so no pause call follows
     assert len(emulator.calls("info")) == 3 and emulator.calls("pause") == []
     emulator.faults.error_rate = 0.0
@@ -205,9 +205,9 @@ async def test_dry_run_calls_nothing_and_records_the_would_be_pauses(
     assert emulator.calls() == []
     rows = await states(store)
     assert {rows[s] for s in idle} == {"RUNNING"}
-    reasons = [r["reason"] for r in await store.transitions_of(idle[0])]
+    reasons = [r.reason for r in await store.transitions_of(idle[0])]
     assert reasons[-1] == "dry_run"
-    assert [r["reason"] for r in await store.transitions_of("busy-dry")] == ["created"]
+    assert [r.reason for r in await store.transitions_of("busy-dry")] == ["created"]
     await tick(dry)  # parked until new activity: not claimed again
     assert len(await store.transitions_of(idle[0])) == len(reasons)
 
@@ -219,7 +219,7 @@ async def test_kill_switch_stops_claiming_while_ingest_goes_on(
     await tick(pause_settings.model_copy(update={"auto_pause_enabled": False}))
     assert (await states(store))["ks-1"] == "RUNNING"
     tick_row = await store.last_tick()
-    assert tick_row is not None and tick_row["skipped"] == "disabled"
+    assert tick_row is not None and tick_row.skipped == "disabled"
 
 
 async def test_freshness_gate_waits_for_the_events_backlog(
@@ -235,7 +235,7 @@ async def test_freshness_gate_waits_for_the_events_backlog(
             assert await runner.run(limited, {"scheduler"}, once=True) == 0
     assert (await states(store))["fg-1"] == "RUNNING"
     tick_row = await store.last_tick()
-    assert tick_row is not None and tick_row["skipped"] == "backlog"
+    assert tick_row is not None and tick_row.skipped == "backlog"
 
 
 async def held_at_least(store: Store, n: int) -> bool:
@@ -264,7 +264,7 @@ async def test_an_expired_lease_is_republished_with_the_same_generation(
     await tick(pause_settings)
     await work(pause_settings)
     row = await store.get_session("lease-1")
-    assert row is not None and row["state"] == "PAUSED" and row["generation"] == 1
+    assert row is not None and row.state == "PAUSED" and row.generation == 1
 
 
 async def test_retention_expires_old_paused_sessions(
@@ -336,7 +336,7 @@ async def test_a_worker_killed_mid_pause_is_redelivered_and_completes(
     async def calling() -> bool:
         return (
             bool(emulator.calls("info"))
-            and (await store.get_session("crash-1") or {}).get("attempt_id") is not None
+            and getattr(await store.get_session("crash-1"), "attempt_id", None) is not None
         )
 
     await wait_for(calling, timeout=30, what="the worker inside its E2B call")
@@ -346,7 +346,7 @@ async def test_a_worker_killed_mid_pause_is_redelivered_and_completes(
     # the command comes back; the dead worker's hold on the row runs out, then it is paused once
     await work(pause_settings)
     row = await store.get_session("crash-1")
-    assert row is not None and row["state"] == "PAUSED"
+    assert row is not None and row.state == "PAUSED"
     assert emulator.state_of("crash-1") == "paused"
     # the dead worker's call never got an answer (0); the second is the only one that paused
     assert sorted(c.status for c in emulator.calls("pause")) == [0, 204]

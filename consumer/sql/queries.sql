@@ -411,7 +411,7 @@ SELECT state FROM kept;
 SELECT * FROM sandbox_sessions WHERE sandbox_id = $1;
 
 -- name: session_transitions
-SELECT from_state, to_state, reason, actor, generation, at
+SELECT from_state, to_state, reason, actor, generation, at, detail
 FROM session_transitions WHERE sandbox_id = $1 ORDER BY id;
 
 -- name: list_sessions
