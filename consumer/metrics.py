@@ -75,6 +75,11 @@ CLAIMS_RELEASED = Counter(
 )
 QUEUE_MESSAGES = Gauge("autopause_queue_messages", "Messages ready in a queue (sampled by ticks)", ["queue"])
 QUEUE_CONSUMERS = Gauge("autopause_queue_consumers", "Consumers of a queue (sampled by ticks)", ["queue"])
+QUEUE_LIMIT = Gauge(
+    "autopause_queue_limit",
+    "Most messages a queue holds (its configured max-length); absent for a queue with no cap",
+    ["queue"],
+)
 AUTO_PAUSE_ENABLED = Gauge(
     "autopause_auto_pause_enabled", "1 while the scheduler may claim, 0 when switched off"
 )

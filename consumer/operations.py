@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from consumer.broker import Broker, Names, connected, translated
+from consumer.broker import Broker, Names, connected, queue_limits, translated
 from consumer.dead_letters import DeadLetterQueue, count_reasons
 from consumer.e2b_adapter import CallOutcome, E2BClient
 from consumer.errors import ConfigError, E2BError, NotFound
@@ -118,16 +118,24 @@ async def status(settings: Settings) -> dict[str, Any]:
 
 async def _queues(
     opened: Broker,
-) -> tuple[dict[str, dict[str, int] | None], dict[str, dict[str, int] | None]]:
+) -> tuple[dict[str, dict[str, Any] | None], dict[str, dict[str, int] | None]]:
+    """Each queue's depth, consumers and cap (full: it refuses publishes now), and dead letters by reason."""
     names = opened.names
-    queues: dict[str, dict[str, int] | None] = {}
+    limits = queue_limits(opened.settings)
+    queues: dict[str, dict[str, Any] | None] = {}
     for queue in (names.events_queue, names.pause_queue, names.events_dlq, names.pause_dlq):
         try:
             state = await opened.queue_state(queue)
         except NotFound:
             queues[queue] = None
             continue
-        queues[queue] = {"messages": state.ready, "consumers": state.consumers}
+        limit = limits.get(queue)
+        queues[queue] = {
+            "messages": state.ready,
+            "consumers": state.consumers,
+            "limit": limit,
+            "full": limit is not None and state.ready >= limit,
+        }
     dead: dict[str, dict[str, int] | None] = {}
     for which in DeadLetterQueue:
         queue = which.queue(names)

@@ -27,7 +27,7 @@ from typing import Any
 import aiocron
 
 from consumer import metrics
-from consumer.broker import PAUSE_ROUTING_KEY, Broker, Names, Outgoing, Publisher, QueueState
+from consumer.broker import PAUSE_ROUTING_KEY, Broker, Names, Outgoing, Publisher, QueueState, queue_limits
 from consumer.errors import BrokerUnavailable, StoreUnavailable
 from consumer.health import Health
 from consumer.settings import Settings
@@ -157,6 +157,7 @@ class Scheduler:
         self.broker = broker
         self.health = health
         self.names = Names(settings.topology_prefix)
+        self.limits = queue_limits(settings)
         self.replica = f"{socket.gethostname()}:{os.getpid()}"
         self.lock_name = f"autopause.tick.{settings.database_schema}.{settings.topology_prefix}"
         self.running = asyncio.Lock()
@@ -263,9 +264,7 @@ class Scheduler:
             # nothing is due: the common tick ends after one probe of the idle index
             wait = round((first_due - now).total_seconds(), 3) if first_due is not None else None
             return dataclasses.replace(done, detail={"next_due_in_s": wait})
-        events = await self.broker.queue_state(self.names.events_queue)
-        metrics.QUEUE_MESSAGES.labels(self.names.events_queue).set(events.ready)
-        metrics.QUEUE_CONSUMERS.labels(self.names.events_queue).set(events.consumers)
+        events = await self._sample(self.names.events_queue)
         view = await self.store.ingest_view()
         gate = freshness_gate(
             view,
@@ -305,10 +304,17 @@ class Scheduler:
         for state, count in (await self.store.count_by_state()).items():
             metrics.SESSIONS.labels(state).set(count)
         for queue in self.names.queues():
-            depth = await self.broker.queue_state(queue)
-            metrics.QUEUE_MESSAGES.labels(queue).set(depth.ready)
-            metrics.QUEUE_CONSUMERS.labels(queue).set(depth.consumers)
+            await self._sample(queue)
         return expired
+
+    async def _sample(self, queue: str) -> QueueState:
+        """A queue's depth and consumers, into the gauges with its cap."""
+        depth = await self.broker.queue_state(queue)
+        metrics.QUEUE_MESSAGES.labels(queue).set(depth.ready)
+        metrics.QUEUE_CONSUMERS.labels(queue).set(depth.consumers)
+        if queue in self.limits:
+            metrics.QUEUE_LIMIT.labels(queue).set(self.limits[queue])
+        return depth
 
     async def _renew_leases(self, first: list[Claim]) -> tuple[int, str | None]:
         """Send again the commands of claims whose lease ran out, starting with the batch the

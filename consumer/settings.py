@@ -87,7 +87,17 @@ class Settings(BaseSettings):
     clock_skew: Positive = Field(300, description="seconds an event may lie in the future")
     delivery_limit: int = Field(20, ge=1, le=1000, description="redeliveries before RabbitMQ dead-letters")
     events_queue_max_length: int = Field(
-        0, ge=0, description="cap on the events queue (0: none); overflow rejects publishes"
+        0,
+        ge=0,
+        description="most messages the events queue holds (0: no cap); a full queue nacks producers."
+        " Declared when autopause declares the topology; set it to a broker policy's max-length"
+        " otherwise, so that status and metrics show the queue filling",
+    )
+    dead_letter_max_length: int = Field(
+        0,
+        ge=0,
+        description="most messages each dead-letter queue holds (0: no cap), as events_queue_max_length;"
+        " a dead letter the full queue refuses stays in its source queue",
     )
     ingest_beat_interval: Positive = Field(
         1.0, le=10, description="seconds between an ingest replica's heartbeats (and watermark probes)"

@@ -41,9 +41,11 @@ def status(report: dict[str, Any]) -> str:
         "sessions   " + "  ".join(f"{state} {n}" for state, n in sessions.items()),
         "",
         table(
-            ["queue", "messages", "consumers"],
+            ["queue", "messages", "consumers", "limit", ""],
             [
-                (name, q["messages"], q["consumers"]) if q is not None else (name, "missing", "-")
+                (name, q["messages"], q["consumers"], q["limit"], "FULL" if q["full"] else "")
+                if q is not None
+                else (name, "missing", "-", "", "")
                 for name, q in report["queues"].items()
             ],
         ),

@@ -25,6 +25,7 @@ from consumer.broker.topology import (
     declare_topology,
     delete_topology,
     message,
+    queue_limits,
 )
 from consumer.broker.translate import translated
 
@@ -52,5 +53,6 @@ __all__ = [
     "message",
     "producer_headers",
     "publish_all",
+    "queue_limits",
     "translated",
 ]

@@ -122,7 +122,11 @@ async def declare_topology(channel: AbstractChannel, settings: Settings) -> None
     await channel.declare_exchange(names.lifecycle_exchange, aio_pika.ExchangeType.TOPIC, **durable)
 
     for dlq, key in ((names.events_dlq, "events"), (names.pause_dlq, "pause")):
-        queue = await channel.declare_queue(dlq, durable=True, arguments={"x-queue-type": "quorum"})
+        dlq_args: dict[str, Any] = {"x-queue-type": "quorum"}
+        if settings.dead_letter_max_length:
+            dlq_args["x-max-length"] = settings.dead_letter_max_length
+            dlq_args["x-overflow"] = "reject-publish"
+        queue = await channel.declare_queue(dlq, durable=True, arguments=dlq_args)
         await queue.bind(dlx, routing_key=key)
 
     events_args: dict[str, Any] = {
@@ -149,6 +153,14 @@ async def declare_topology(channel: AbstractChannel, settings: Settings) -> None
         },
     )
     await pause.bind(commands, routing_key=PAUSE_ROUTING_KEY)
+
+
+def queue_limits(settings: Settings) -> dict[str, int]:
+    """The queues with a cap on their length, and that cap (from the settings; see settings.py)."""
+    names = Names(settings.topology_prefix)
+    limits = {names.events_queue: settings.events_queue_max_length}
+    limits |= dict.fromkeys((names.events_dlq, names.pause_dlq), settings.dead_letter_max_length)
+    return {queue: cap for queue, cap in limits.items() if cap > 0}
 
 
 async def delete_topology(channel: AbstractChannel, prefix: str) -> None:
