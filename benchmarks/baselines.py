@@ -100,10 +100,10 @@ async def raw(settings: Settings, count: int, finish: Finish, *, underlay: bool 
         last = time.time()
         done.set()
 
-    async def on_message(msg: AbstractIncomingMessage) -> None:
+    async def after(ack: Callable[[], Awaitable[None]]) -> None:
         batch_end, final = counted()
         if batch_end:
-            await msg.ack(multiple=True)
+            await ack()
         if final:
             finished()
 
@@ -115,14 +115,14 @@ async def raw(settings: Settings, count: int, finish: Finish, *, underlay: bool 
             lower = await channel.get_underlay_channel()
 
             async def on_delivery(msg: DeliveredMessage) -> None:
-                batch_end, final = counted()
-                if batch_end:
-                    await lower.basic_ack(msg.delivery_tag or 0, multiple=True)
-                if final:
-                    finished()
+                await after(lambda: lower.basic_ack(msg.delivery_tag or 0, multiple=True))
 
             await lower.basic_consume(name, on_delivery)
         else:
+
+            async def on_message(msg: AbstractIncomingMessage) -> None:
+                await after(lambda: msg.ack(multiple=True))
+
             await (await channel.get_queue(name)).consume(on_message)
         await asyncio.wait_for(done.wait(), DEADLINE)
         await finish({"first": first, "last": last, "count": seen})

@@ -207,10 +207,7 @@ async def run(
 async def _supervise(
     services: Services, roles: set[str], stop: asyncio.Event, *, burst: bool, once: bool
 ) -> int:
-    from consumer.ingest import Ingest
-    from consumer.reconcile import Reconciler
-    from consumer.scheduler import Scheduler
-    from consumer.worker import Worker
+    """Run the roles beside the health probe until they are done; the exit code."""
 
     async def broker_up() -> bool:
         return services.broker.is_open
@@ -223,6 +220,24 @@ async def _supervise(
         health.probe_forever(services.health, {"database": database_up, "broker": broker_up}),
         name="health-probe",
     )
+    try:
+        tasks = _start_roles(services, roles, stop, burst=burst, once=once)
+        return await _until_done(tasks, stop, finite=burst or once)
+    finally:
+        probe.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await probe
+
+
+def _start_roles(
+    services: Services, roles: set[str], stop: asyncio.Event, *, burst: bool, once: bool
+) -> dict[asyncio.Task[None], str]:
+    """A task per role asked for (and reconcile beside a long-running worker), named by role."""
+    from consumer.ingest import Ingest
+    from consumer.reconcile import Reconciler
+    from consumer.scheduler import Scheduler
+    from consumer.worker import Worker
+
     tasks: dict[asyncio.Task[None], str] = {}
     if "ingest" in roles:
         ingest = Ingest(services.settings, services.store, services.broker, services.health, burst=burst)
@@ -239,29 +254,29 @@ async def _supervise(
         if not burst:
             reconciler = Reconciler(services.settings, services.store, client, bucket, services.health)
             tasks[asyncio.create_task(reconciler.run_forever(stop), name="reconcile")] = "reconcile"
+    return tasks
 
+
+async def _until_done(tasks: dict[asyncio.Task[None], str], stop: asyncio.Event, *, finite: bool) -> int:
+    """Wait for every role; 1 when one failed (the others are told to stop), else 0.
+
+    Outside burst and once modes a role that returns on its own means the
+    process must stop, so the others are told to.
+    """
     code = 0
     pending = set(tasks)
-    try:
-        while pending:
-            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                if task.cancelled():
-                    continue
-                error = task.exception()
-                if error is not None:
-                    log.error(
-                        f"{tasks[task]} failed, stopping",
-                        exc_info=error,
-                        extra={"action": "role.failed", "role": tasks[task]},
-                    )
-                    code = 1
-                    stop.set()
-            if not (burst or once):
-                # a role that returns on its own outside burst mode means the process must stop
+    while pending:
+        done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            error = None if task.cancelled() else task.exception()
+            if error is not None:
+                log.error(
+                    f"{tasks[task]} failed, stopping",
+                    exc_info=error,
+                    extra={"action": "role.failed", "role": tasks[task]},
+                )
+                code = 1
                 stop.set()
-    finally:
-        probe.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await probe
+        if not finite:
+            stop.set()
     return code

@@ -198,6 +198,33 @@ def pause_due(
     return due
 
 
+def _deadline_changes(
+    current: Session,
+    changes: dict[str, Any],
+    moved: bool,
+    new_state: State | None,
+    default_timeout: timedelta,
+) -> dict[str, Any]:
+    """The deadline fields ``changes`` (to ``current``) call for.
+
+    A deadline that the worker or the CLI pushed out (dry run, retry-after,
+    keep-alive) stays until newer activity, a new timeout or a resume moves it.
+    """
+    timeout_s = changes.get("idle_timeout_s", current.idle_timeout_s)
+    if not (moved or timeout_s != current.idle_timeout_s or new_state is State.RUNNING):
+        return {}
+    timeout = timedelta(seconds=timeout_s) if timeout_s is not None else default_timeout
+    last_activity = changes.get("last_activity", current.last_activity)
+    last_arrived = changes.get("last_arrived_at", current.last_arrived_at)
+    due = pause_due(last_activity, last_arrived, timeout, current.keep_alive_until, current.retry_after)
+    deadline: dict[str, Any] = {}
+    if due != current.pause_due_at:
+        deadline["pause_due_at"] = due
+    if current.dry_run_at is not None:
+        deadline["dry_run_at"] = None
+    return deadline
+
+
 def apply(current: Session | None, delta: Delta, default_timeout: timedelta, arrived_at: datetime) -> Applied:
     """Apply a coalesced delta that arrived at ``arrived_at`` to a row (or to no row yet).
 
@@ -222,12 +249,10 @@ def apply(current: Session | None, delta: Delta, default_timeout: timedelta, arr
     changes: dict[str, Any] = {}
     if delta.created is not None:
         changes.update(_created_fields(current, delta.created))
-    last_activity = current.last_activity
-    if delta.last_activity is not None and delta.last_activity > last_activity:
-        last_activity = changes["last_activity"] = delta.last_activity
-    last_arrived = current.last_arrived_at
-    if active and (last_arrived is None or arrived_at > last_arrived):
-        last_arrived = changes["last_arrived_at"] = arrived_at
+    if delta.last_activity is not None and delta.last_activity > current.last_activity:
+        changes["last_activity"] = delta.last_activity
+    if active and (current.last_arrived_at is None or arrived_at > current.last_arrived_at):
+        changes["last_arrived_at"] = arrived_at
 
     new_state, reason = _next_state(current, delta)
     stale = delta.activity_count if current.state in TERMINAL and new_state is None else 0
@@ -242,18 +267,8 @@ def apply(current: Session | None, delta: Delta, default_timeout: timedelta, arr
         if killed_at != current.killed_at:
             changes["killed_at"] = killed_at
 
-    # A deadline that the worker or the CLI pushed out (dry run, retry-after,
-    # keep-alive) stays until newer activity, a new timeout or a resume moves it.
-    timeout_s = changes.get("idle_timeout_s", current.idle_timeout_s)
     moved = born or "last_activity" in changes or "last_arrived_at" in changes
-    if moved or timeout_s != current.idle_timeout_s or new_state is State.RUNNING:
-        timeout = timedelta(seconds=timeout_s) if timeout_s is not None else default_timeout
-        due = pause_due(last_activity, last_arrived, timeout, current.keep_alive_until, current.retry_after)
-        if due != current.pause_due_at:
-            changes["pause_due_at"] = due
-        if current.dry_run_at is not None:
-            changes["dry_run_at"] = None
-
+    changes.update(_deadline_changes(current, changes, moved, new_state, default_timeout))
     row = _with(current, changes) if changes else current
     return Applied(row, tuple(transitions), stale, changed=bool(changes or transitions))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -101,39 +102,51 @@ def plan(faults: Faults, op: str, rng: random.Random) -> Plan:
     return Plan(delay=faults.latency + faults.op_latency.get(op, 0.0))
 
 
+def _per_op(value: Any, each: Callable[[Any], bool]) -> bool:
+    return isinstance(value, dict) and all(k in OPS and each(v) for k, v in value.items())
+
+
+# field -> (is the JSON value acceptable, what it becomes, what to say when it is not)
+_FIELDS: dict[str, tuple[Callable[[Any], bool], Callable[[Any], Any], str]] = {
+    "missing": (
+        lambda v: isinstance(v, list | set) and all(isinstance(i, str) for i in v),
+        set,
+        "missing must be a list of sandbox ids",
+    ),
+    "error_statuses": (
+        lambda v: isinstance(v, list | tuple) and bool(v) and all(_is_int(s) and 400 <= s <= 599 for s in v),
+        list,
+        "error_statuses must be a non-empty list of statuses 400..599",
+    ),
+    "op_latency": (
+        lambda v: _per_op(v, _is_seconds),
+        lambda v: {k: float(s) for k, s in v.items()},
+        f"op_latency must map op names ({', '.join(OPS)}) to seconds >= 0",
+    ),
+    "op_error_rate": (
+        lambda v: _per_op(v, lambda s: _is_seconds(s) and s <= 1),
+        lambda v: {k: float(s) for k, s in v.items()},
+        f"op_error_rate must map op names ({', '.join(OPS)}) to shares 0..1",
+    ),
+    "list_fail_after": (
+        lambda v: v is None or (_is_int(v) and v >= 0),
+        lambda v: v,
+        "list_fail_after must be an integer >= 0 or null",
+    ),
+    "error_rate": (lambda v: _is_seconds(v) and v <= 1, float, "error_rate must be between 0 and 1"),
+    "timeout_rate": (lambda v: _is_seconds(v) and v <= 1, float, "timeout_rate must be between 0 and 1"),
+}
+
+
 def _parse(name: str, value: Any) -> Any:
-    """One field from JSON (or the constructor), checked; ValueError names what is wrong."""
-    if name == "missing":
-        if not isinstance(value, list | set) or not all(isinstance(v, str) for v in value):
-            raise ValueError("missing must be a list of sandbox ids")
-        return set(value)
-    if name == "error_statuses":
-        if (
-            not isinstance(value, list | tuple)
-            or not value
-            or not all(_is_int(v) and 400 <= v <= 599 for v in value)
-        ):
-            raise ValueError("error_statuses must be a non-empty list of statuses 400..599")
-        return list(value)
-    if name == "op_latency":
-        if not isinstance(value, dict) or not all(k in OPS and _is_seconds(v) for k, v in value.items()):
-            raise ValueError(f"op_latency must map op names ({', '.join(OPS)}) to seconds >= 0")
-        return {k: float(v) for k, v in value.items()}
-    if name == "op_error_rate":
-        if not isinstance(value, dict) or not all(
-            k in OPS and _is_seconds(v) and v <= 1 for k, v in value.items()
-        ):
-            raise ValueError(f"op_error_rate must map op names ({', '.join(OPS)}) to shares 0..1")
-        return {k: float(v) for k, v in value.items()}
-    if name == "list_fail_after":
-        if value is not None and not (_is_int(value) and value >= 0):
-            raise ValueError("list_fail_after must be an integer >= 0 or null")
-        return value
-    if not _is_seconds(value):
-        raise ValueError(f"{name} must be a number >= 0")
-    if name in ("error_rate", "timeout_rate") and value > 1:
-        raise ValueError(f"{name} must be between 0 and 1")
-    return float(value)
+    """One field from JSON (or the constructor), checked; ValueError names what is wrong.
+
+    Fields not in the table are durations in seconds.
+    """
+    valid, convert, problem = _FIELDS.get(name, (_is_seconds, float, f"{name} must be a number >= 0"))
+    if not valid(value):
+        raise ValueError(problem)
+    return convert(value)
 
 
 def _is_int(value: Any) -> bool:

@@ -101,7 +101,7 @@ async def test_metrics_move_and_readiness_follows_the_database(
         await wait_for(counted, what="the rejected counter to move by 1")
         _, after = await get(http, base + "/metrics")
         assert metric(after, "autopause_ingest_batch_size_count") >= 1
-        assert metric(after, "autopause_ingest_lag_seconds_count") >= 25
+        assert metric(after, "autopause_ingest_lag_seconds_count") >= 1  # one sample per committed batch
 
         await proxy.cut()
         await wait_for(lambda: _is(status_of("/readyz"), 503), what="unready without the database")
