@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 
 # How long the first candidate of a batch waits for others to join it.
 WINDOW = 0.1
+# Requests in flight at once: a batch goes out while the previous one is still answered,
+# so the check adds one request's latency to a pause, never a queue of them.
+MAX_REQUESTS = 4
 
 
 def is_busy(sample: CpuSample | None, now: datetime, threshold_pct: float, max_age_s: float) -> bool:
@@ -49,6 +52,7 @@ class CpuProbe:
         self._waiting: dict[str, list[asyncio.Future[CpuSample | None]]] = {}
         self._full = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
+        self._requests: set[asyncio.Task[None]] = set()
 
     async def sample(self, sandbox_id: str) -> CpuSample | None:
         """The sandbox's latest sample, or None when E2B has none or cannot say now."""
@@ -61,25 +65,35 @@ class CpuProbe:
         return await future
 
     async def _flush_while_waiting(self) -> None:
-        """One request per batch until nobody waits. Failure policy: an error answers None to the
-        batch's waiters (no evidence of work); nobody waits forever."""
+        """Cut a batch per window (sooner when it is full) until nobody waits, and send each
+        without waiting for the one before: up to MAX_REQUESTS in flight."""
         while self._waiting:
             with contextlib.suppress(TimeoutError):
                 # the batching window: candidates arriving meanwhile join this request
                 await asyncio.wait_for(self._full.wait(), self._window)
             self._full.clear()
+            if len(self._requests) >= MAX_REQUESTS:
+                await asyncio.wait(self._requests, return_when=asyncio.FIRST_COMPLETED)
             batch = {sid: self._waiting.pop(sid) for sid in list(self._waiting)[:METRICS_BATCH]}
-            samples: dict[str, CpuSample] = {}
-            try:
-                metrics.RATE_LIMIT_WAIT.observe(await self._bucket.take())
-                samples = await self._client.cpu_samples(list(batch))
-            except E2BError as exc:
-                log.warning("CPU samples not read", extra={"action": "worker.cpu_samples", "error": str(exc)})
-            except Exception as exc:
-                log.error("CPU samples failed", exc_info=exc, extra={"action": "worker.cpu_samples"})
+            request = asyncio.create_task(self._answer(batch), name="cpu-samples-request")
+            self._requests.add(request)
+            request.add_done_callback(self._requests.discard)
+            if len(self._waiting) >= METRICS_BATCH:
+                self._full.set()
+
+    async def _answer(self, batch: dict[str, list[asyncio.Future[CpuSample | None]]]) -> None:
+        """One request for a batch. Failure policy: an error answers None to the batch's waiters
+        (no evidence of work); nobody waits forever."""
+        samples: dict[str, CpuSample] = {}
+        try:
+            metrics.RATE_LIMIT_WAIT.observe(await self._bucket.take())
+            samples = await self._client.cpu_samples(list(batch))
+        except E2BError as exc:
+            log.warning("CPU samples not read", extra={"action": "worker.cpu_samples", "error": str(exc)})
+        except Exception as exc:
+            log.error("CPU samples failed", exc_info=exc, extra={"action": "worker.cpu_samples"})
+        finally:
             for sandbox_id, futures in batch.items():
                 for future in futures:
                     if not future.done():
                         future.set_result(samples.get(sandbox_id))
-            if len(self._waiting) >= METRICS_BATCH:
-                self._full.set()

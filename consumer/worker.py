@@ -110,10 +110,11 @@ class Worker:
         # Outcomes are announcements (the row is the truth), published without
         # confirms: with them, publishing took about a sixth of the worker's time.
         self.outcomes = await self.broker.publisher(names.lifecycle_exchange, confirm=False)
-        # Commands waiting for their CPU sample hold no pause slot: room for a batch of them.
+        # Commands waiting for their CPU sample hold no pause slot: room for a batch filling,
+        # one in its request and one waiting for a slot, so the check never starves the slots.
         self.consumer = await self.broker.consumer(
             names.pause_queue,
-            prefetch=self.settings.worker_concurrency + METRICS_BATCH,
+            prefetch=self.settings.worker_concurrency + 3 * METRICS_BATCH,
             on_delivery=self._on_delivery,
             role="worker",
         )
