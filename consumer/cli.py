@@ -149,7 +149,7 @@ def reconcile(
         outcome = run_async(reconcile_once(settings, dry_run=report_only))
         show_json(vars(outcome))
         raise typer.Exit(1 if outcome.error else 0)
-    raise typer.Exit(run_async(reconcile_forever(settings)))
+    run_async(reconcile_forever(settings))
 
 
 @app.command()

@@ -254,7 +254,7 @@ async def reconcile_once(settings: Settings, *, dry_run: bool) -> Outcome:
         return await reconciler.run(datetime.now(UTC), dry_run=dry_run)
 
 
-async def reconcile_forever(settings: Settings) -> int:
+async def reconcile_forever(settings: Settings) -> None:
     """Reconcile on the cron until SIGTERM or SIGINT (``autopause reconcile``)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -262,4 +262,3 @@ async def reconcile_forever(settings: Settings) -> int:
         loop.add_signal_handler(sig, stop.set)
     async with _standalone(settings) as reconciler:
         await reconciler.run_forever(stop)
-    return 0
