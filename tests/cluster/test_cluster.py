@@ -16,11 +16,9 @@ import asyncio
 import contextlib
 import json
 import os
-import subprocess
 import time
-import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -28,13 +26,18 @@ from typing import Any
 import aio_pika
 import orjson
 import pytest
-from conftest import E2B_KEY, autopause, isolated_env, publish_confirmed, wait_for
-from rabbitmq_nodes import PrivateNode, private_nodes
 
 from consumer.broker import Names, declare_topology, message
 from consumer.settings import Settings
 from consumer.store import Store
 from e2b_emulator import Emulator
+
+from ..helpers.amqp import publish_confirmed
+from ..helpers.config import E2B_KEY
+from ..helpers.events import event
+from ..helpers.processes import Proc, Spawn, autopause, isolated_env
+from ..helpers.rabbitmq_nodes import PrivateNode, private_nodes
+from ..helpers.waiting import wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(900)]
 
@@ -117,28 +120,8 @@ async def quorum_members(node: PrivateNode, queue: str) -> dict[str, str]:
 
 
 def created(sandbox: str, at: datetime, idle_timeout_s: int | None) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "event_id": str(uuid.uuid4()),
-        "type": "sandbox.created",
-        "occurred_at": at.isoformat(),
-        "sandbox_id": sandbox,
-        "project_id": "proj-cluster",
-        "user_id": "user-cluster",
-        "template": "base",
-    }
-    if idle_timeout_s is not None:
-        body["idle_timeout_s"] = idle_timeout_s
-    return body
-
-
-def activity(sandbox: str, at: datetime) -> dict[str, Any]:
-    return {
-        "event_id": str(uuid.uuid4()),
-        "type": "sandbox.activity",
-        "occurred_at": at.isoformat(),
-        "sandbox_id": sandbox,
-        "source": "terminal",
-    }
+    timeout = {} if idle_timeout_s is None else {"idle_timeout_s": idle_timeout_s}
+    return event("created", sandbox, at=at, project_id="proj-cluster", user_id="user-cluster", **timeout)
 
 
 class Publisher:
@@ -179,7 +162,7 @@ async def test_the_events_queue_leader_dies_under_load_and_nothing_is_lost(
     tmp_path: Path,
     settings: Settings,
     store: Store,
-    spawn: Callable[..., subprocess.Popen[bytes]],
+    spawn: Spawn,
 ) -> None:
     started = time.monotonic()
     names = Names(settings.topology_prefix)
@@ -200,7 +183,7 @@ async def test_the_events_queue_leader_dies_under_load_and_nothing_is_lost(
             survivors = [node for node in nodes if node is not leader]
             assert len(await quorum_members(survivors[0], names.pause_queue)) == 3
 
-            def role(args: list[str], node: PrivateNode, **extra: str) -> subprocess.Popen[bytes]:
+            def role(args: list[str], node: PrivateNode, **extra: str) -> Proc:
                 env = isolated_env(settings, AUTOPAUSE_AMQP_URL=node.url(), **extra)
                 proc = spawn(autopause(*args), env)
                 peak.roots.add(proc.pid)
@@ -238,7 +221,7 @@ async def test_the_events_queue_leader_dies_under_load_and_nothing_is_lost(
                 if first:
                     bodies += [created(s, datetime.now(UTC), None) for s in busy]
                 for _ in range(ACTIVITY_PER_BUSY):
-                    bodies += [activity(s, datetime.now(UTC)) for s in busy]
+                    bodies += [event("activity", s) for s in busy]
                 return bodies
 
             publisher = Publisher(survivors[1].url(), names.events_exchange)
@@ -249,7 +232,7 @@ async def test_the_events_queue_leader_dies_under_load_and_nothing_is_lost(
 
             def alive() -> None:
                 for proc in processes:
-                    assert proc.poll() is None, proc.log.read_text()[-3000:]  # type: ignore[attr-defined]
+                    assert proc.alive(), proc.output(3000)
 
             async def some_paused() -> bool:
                 alive()
@@ -301,7 +284,4 @@ async def test_the_events_queue_leader_dies_under_load_and_nothing_is_lost(
                 f"confirmed ({publisher.retries} batch retries), {len(idle)} pauses, "
                 f"{all_calls} pause calls in all"
             )
-            for proc in processes:
-                proc.terminate()
-            for proc in processes:
-                await asyncio.to_thread(proc.wait, 60)
+            assert await asyncio.gather(*(proc.stop() for proc in processes)) == [0] * len(processes)

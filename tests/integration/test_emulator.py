@@ -6,7 +6,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -21,6 +21,8 @@ from e2b.exceptions import SandboxException, SandboxNotFoundException, ServiceBu
 from e2b.sandbox.sandbox_api import SandboxQuery
 
 from e2b_emulator import Call, Emulator, Faults, serve
+
+from ..helpers.waiting import wait_for
 
 KEY = "e2b_test_key"
 MIB = 1024 * 1024
@@ -84,13 +86,6 @@ async def request(
     async with http.request(method, url, json=json, headers=headers) as resp:
         body = await resp.json() if resp.content_type == "application/json" else None
         return resp.status, body
-
-
-async def eventually(condition: Callable[[], bool], within: float = 5.0) -> None:
-    """Wait for ``condition`` with a deadline; the emulator has no event to await."""
-    async with asyncio.timeout(within):
-        while not condition():  # noqa: ASYNC110 - polling a condition, not timing
-            await asyncio.sleep(0.01)
 
 
 async def list_ids(emu: Emulator, query: SandboxQuery | None, limit: int | None) -> list[str]:
@@ -299,7 +294,7 @@ async def test_hung_call_is_recorded_and_stop_releases_it(http: aiohttp.ClientSe
     await emu.start()
     emu.add_sandbox("sbx")
     pending = asyncio.create_task(request(http, "POST", f"{emu.url}/sandboxes/sbx/pause"))
-    await eventually(lambda: len(emu.calls()) == 1)
+    await wait_for(lambda: len(emu.calls()) == 1, timeout=5, what="the hung call recorded")
     assert emu.calls()[0].status == 0
     assert not pending.done()
     async with asyncio.timeout(5):  # hang_seconds is 3600
@@ -600,6 +595,7 @@ async def test_list_fail_after_fails_the_paginator_on_page_two(
 
 async def test_new_fault_fields_are_checked(emulator: Emulator, http: aiohttp.ClientSession) -> None:
     url = f"{emulator.url}/_emulator/faults"
+    wrong: dict[str, Any]
     for wrong in (
         {"error_statuses": []},
         {"error_statuses": [200]},
@@ -637,9 +633,9 @@ async def test_every_call_is_logged_with_its_action_and_fault(
     emulator.pause_outside("sbx")
     logged = [
         (
-            r.action,
+            getattr(r, "action", None),
             getattr(r, "op", None),
-            r.sandbox_id,
+            getattr(r, "sandbox_id", None),
             getattr(r, "status", None),
             getattr(r, "fault", None),
         )
@@ -782,8 +778,8 @@ async def test_serve_logs_its_url_and_stops_on_cancel(
     def listening() -> list[logging.LogRecord]:
         return [r for r in caplog.records if getattr(r, "action", None) == "emulator.listening"]
 
-    await eventually(lambda: bool(listening()))
-    url = listening()[0].url
+    await wait_for(listening, timeout=5, what="the emulator listening")
+    url = listening()[0].__dict__["url"]
     assert (await request(http, "POST", f"{url}/sandboxes/any/pause"))[0] == 204
     task.cancel()
     with pytest.raises(asyncio.CancelledError):

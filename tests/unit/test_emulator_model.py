@@ -82,7 +82,7 @@ def test_fault_settings_round_trip_and_reject_bad_values() -> None:
     assert faults.latency == 0.0  # nothing changed
     for wrong in ({"op_latency": {"nap": 1}}, {"error_statuses": [600]}, {"list_fail_after": "2"}):
         with pytest.raises(ValueError):
-            Faults(**wrong)  # type: ignore[arg-type]
+            Faults(**wrong)
 
 
 def test_setting_list_fail_after_starts_a_new_count() -> None:

@@ -11,6 +11,8 @@ from pydantic import ValidationError
 from schemas import EVENT_ADAPTER, SandboxCreated
 from schemas.generate import documents
 
+from ..helpers.config import ROOT
+
 
 def test_committed_documents_match_the_models() -> None:
     for path, content in documents().items():
@@ -66,11 +68,9 @@ def test_clock_skew_allowance_is_taken_from_the_context() -> None:
 
 
 def test_the_readme_documents_every_setting() -> None:
-    from pathlib import Path
-
     from consumer.settings import Settings, env_name
 
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text()
     missing = [env_name(name) for name in Settings.model_fields if f"`{env_name(name)}`" not in readme]
     assert missing == []
 
@@ -78,9 +78,8 @@ def test_the_readme_documents_every_setting() -> None:
 def test_the_readme_examples_are_valid_events() -> None:
     import json
     import re
-    from pathlib import Path
 
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text()
     examples = [json.loads(block) for block in re.findall(r"```json\n(.*?)```", readme, re.S)]
     assert {e["type"] for e in examples} == {"sandbox.created", "sandbox.activity", "sandbox.killed"}
     for example in examples:
