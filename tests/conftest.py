@@ -4,7 +4,8 @@ A test's layer is its directory: ``unit``, ``integration``, ``fault``, ``abuse``
 or ``cluster``; each gets the marker of that name, so ``-m unit`` and
 ``tests/unit`` select the same tests. Each test that may use the shared
 RabbitMQ and PostgreSQL gets its own Postgres schema and broker names, and
-holds the services lock (shared; alone for a test marked ``outage``).
+holds the services lock (shared; alone for a test marked ``outage``; not at all
+for a test marked ``isolated``, which uses only the emulator or private nodes).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from consumer.store import Store
 from e2b_emulator import Emulator
 
 from .helpers.config import AMQP_URL, DATABASE_URL, E2B_KEY
-from .helpers.exclusive import services_lock
+from .helpers.exclusive import refuse_connections, services_lock, shared_addresses
 from .helpers.processes import Launcher, Spawn
 
 LAYERS = ("unit", "integration", "fault", "abuse", "cluster")
@@ -32,12 +33,16 @@ TESTS = Path(__file__).resolve().parent
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark each test with its layer; deselect ``docker`` tests unless ``-m`` names docker."""
+    """Mark each test with its layer, order them for the workers, deselect ``docker`` unless asked for."""
     for item in items:
         parts = item.path.resolve().relative_to(TESTS).parts
         if len(parts) < 2 or parts[0] not in LAYERS:
             raise pytest.UsageError(f"{item.nodeid}: a test lives in one of tests/{{{','.join(LAYERS)}}}/")
         item.add_marker(parts[0])
+    # the tests that hold the services alone first, then the longest one: nothing waits on them later
+    items.sort(
+        key=lambda item: 0 if item.get_closest_marker("outage") else 1 if "cluster" in item.keywords else 2
+    )
     if "docker" not in (config.getoption("markexpr") or ""):
         docker = [item for item in items if item.get_closest_marker("docker")]
         if docker:
@@ -45,10 +50,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             items[:] = [item for item in items if not item.get_closest_marker("docker")]
 
 
+def _order(item: pytest.Item) -> int:
+    if item.get_closest_marker("cluster"):
+        return 0
+    return 2 if item.get_closest_marker("outage") else 1
+
+
 @pytest.fixture(autouse=True)
-def _services(request: pytest.FixtureRequest) -> Iterator[None]:
-    """Hold the services lock around every test beyond the unit layer."""
+def _services(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Hold the services lock around every test beyond the unit layer that uses them."""
     if request.node.get_closest_marker("unit"):
+        yield
+        return
+    if request.node.get_closest_marker("isolated"):
+        why = "a test marked isolated uses no shared service"
+        refuse_connections(monkeypatch, why, only=shared_addresses())
         yield
         return
     with services_lock(alone=request.node.get_closest_marker("outage") is not None):

@@ -241,8 +241,10 @@ async def test_the_events_queue_leader_dies_under_load_and_nothing_is_lost(
             await wait_for(some_paused, timeout=120, what="the first pauses")
 
             # under load: the second wave is being published while the leader dies
+            sent = len(publisher.confirmed)
             second = asyncio.create_task(publisher.send(wave(idle[IDLE_PER_WAVE:], first=False), batch=50))
-            await asyncio.sleep(0)  # let it start publishing
+            await wait_for(lambda: len(publisher.confirmed) > sent, timeout=60, what="the second wave")
+            assert not second.done(), "the second wave was over before the kill"
             killed_at = time.monotonic()
             leader.kill()
             await second

@@ -21,6 +21,8 @@ from consumer.settings import load_settings
 from ..helpers.rabbitmq_nodes import private_nodes
 from ..helpers.waiting import wait_for
 
+pytestmark = pytest.mark.isolated  # a private RabbitMQ node only
+
 
 async def test_confirmed_events_survive_a_broker_restart(tmp_path: Path) -> None:
     """Events go on through a restart of the broker; none confirmed to the caller is lost."""

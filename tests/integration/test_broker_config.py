@@ -32,6 +32,8 @@ from ..helpers.monitoring import RULES, dashboard_queries
 from ..helpers.rabbitmq_nodes import PrivateNode, private_nodes
 from ..helpers.waiting import wait_for
 
+pytestmark = pytest.mark.isolated  # a private RabbitMQ node only
+
 DEPLOY = ROOT / "deploy"
 OVERRIDDEN = ("load_definitions", "prometheus.tcp.port", "disk_free_limit.absolute")
 

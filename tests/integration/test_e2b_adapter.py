@@ -13,6 +13,8 @@ from e2b_emulator import Emulator, Faults
 from ..helpers.config import E2B_KEY
 from ..helpers.processes import free_port
 
+pytestmark = pytest.mark.isolated  # the emulator only
+
 
 @pytest.fixture
 def client(emulator: Emulator) -> E2BClient:

@@ -24,6 +24,8 @@ from e2b_emulator import Call, Emulator, Faults, serve
 
 from ..helpers.waiting import wait_for
 
+pytestmark = pytest.mark.isolated  # the emulator only
+
 KEY = "e2b_test_key"
 MIB = 1024 * 1024
 # A wall-clock start on the 5 s grid of Unix time, plus 2 s.

@@ -6,6 +6,7 @@ import json
 import sys
 
 import aio_pika
+import pytest
 
 from consumer.health import Health, serve
 from consumer.settings import Settings
@@ -20,6 +21,7 @@ from ..helpers.pipeline import ingest_running
 from ..helpers.processes import autopause, clean_env, isolated_env, run
 
 
+@pytest.mark.isolated
 async def test_the_health_probe_fails_when_a_loop_stalls() -> None:
     probe = compose_file()["x-autopause-healthcheck"]["test"]
     assert probe[:2] == ["CMD", "python"]

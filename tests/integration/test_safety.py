@@ -72,7 +72,7 @@ async def test_activity_during_the_pause_call_resumes_the_sandbox_at_once(
     pause_settings: Settings, store: Store, channel: aio_pika.abc.AbstractChannel, emulator: Emulator
 ) -> None:
     async with claimed(pause_settings, store, emulator, "race-1") as before:
-        emulator.faults.latency = 3.0
+        emulator.faults.latency = 1.5  # each call: time to be seen inside it, well under its timeout
         async with service(pause_settings, {"worker"}) as worker:
 
             async def calling() -> bool:
@@ -154,8 +154,9 @@ async def test_a_lease_copy_and_its_original_make_one_e2b_call(
         await tick(pause_settings)
     names = Names(pause_settings.topology_prefix)
     assert await queue_ready(channel, names.pause_queue) == 2
-    emulator.faults.latency = 1.0  # both copies are in hand at once
-    await work(pause_settings)
+    emulator.faults.latency = 0.5  # both copies are in hand at once
+    # the copy waits out the original's hold on the row (Settings.attempt_hold): keep it short
+    await work(pause_settings.model_copy(update={"e2b_request_timeout": 1.5}))
     assert (await row(store, "twice-1"))["state"] == "PAUSED"
     assert len(emulator.calls("pause", "twice-1")) == 1
 

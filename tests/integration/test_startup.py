@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
+
 from consumer.e2b_adapter import Access, AccessCheck, E2BClient
 from consumer.settings import Settings
 from e2b_emulator import Emulator, Faults
@@ -19,6 +21,7 @@ WRONG_KEY = "e2b_wrong_key_0123456789"
 # -- the adapter against the emulator ----------------------------------------------------------
 
 
+@pytest.mark.isolated
 async def test_the_access_check_is_one_read_with_the_key(emulator: Emulator) -> None:
     good = E2BClient(api_key=E2B_KEY, api_url=emulator.url, request_timeout=5)
     assert await good.check_access() == AccessCheck(Access.OK)
