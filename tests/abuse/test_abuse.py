@@ -58,9 +58,6 @@ HYPOTHESIS = hypothesis_settings(
 )
 
 
-# valid events, some with unusual but legal content ----------------------------
-
-
 async def dead_letters(channel: aio_pika.abc.AbstractChannel, queue_name: str) -> list[tuple[bytes, Any]]:
     """Take every message of a dead-letter queue: (body, reason header)."""
     return [(msg.body, (msg.headers or {}).get(REASON_HEADER)) for msg in await take_all(channel, queue_name)]

@@ -80,6 +80,10 @@ FAR_TIMES = [
 HOSTILE_BODY = b'\x1b[2J\x1b[Hautopause: all clear\n\x9b31m \xc2\x9b0m \xe2\x80\xae{"x": 1}'
 YEAR = 365.25 * 86_400
 Message = tuple[bytes, str]  # body, reason it must be rejected with
+
+
+# valid events, some with unusual but legal content ----------------------------
+
 # Anything a producer may put in a free-form field: every Unicode scalar value, control
 # characters and line separators included, except NUL (the contract refuses it).
 free_text = st.text(st.characters(codec="utf-8", exclude_characters="\x00"), max_size=40)
@@ -350,9 +354,6 @@ hostile = st.one_of(
     bad_created_fields(),
     garbage_object(),
 )
-
-
-# pure properties of the edge ---------------------------------------------------
 
 
 def context() -> dict[str, Any]:
