@@ -12,7 +12,8 @@
 - ``management``: RabbitMQ's management API, throwaway vhosts
 - ``rabbitmq_nodes``: private RabbitMQ nodes that a test starts, kills and clusters
 - ``services``: the machine's own RabbitMQ and PostgreSQL stopped and started again
-- ``exclusive``: the lock that keeps other tests off the services while one stops them
+- ``exclusive``: the lock that keeps other tests off the services while one stops them, and
+  the guard that refuses connections to tests that must not make them
 - ``hostile``: hypothesis strategies of hostile messages, each with its expected reason
 - ``compose``: the compose files as YAML, and their two forms of variables
 - ``monitoring``: the shipped rules and dashboard, and the Prometheus tools
