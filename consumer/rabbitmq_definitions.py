@@ -39,11 +39,6 @@ def password_hash(password: str, salt: bytes | None = None) -> str:
     return base64.b64encode(salt + hashlib.sha256(salt + password.encode()).digest()).decode()
 
 
-def password_matches(hashed: str, password: str) -> bool:
-    raw = base64.b64decode(hashed)
-    return password_hash(password, raw[:4]) == hashed
-
-
 def check_password(user: str, variable: str, password: str | None) -> str:
     """The password, or ConfigError naming the variable when it is missing or weak."""
     if not password:

@@ -115,16 +115,6 @@ class Delta:
     activity_count: int = 0
     killed_at: datetime | None = None
 
-    def merge(self, other: Delta) -> Delta:
-        """Combine two deltas of one sandbox; commutative and associative."""
-        return Delta(
-            sandbox_id=self.sandbox_id,
-            created=_earliest_created(self.created, other.created),
-            last_activity=_max(self.last_activity, other.last_activity),
-            activity_count=self.activity_count + other.activity_count,
-            killed_at=_min(self.killed_at, other.killed_at),
-        )
-
 
 Event = SandboxCreated | SandboxActivity | SandboxKilled
 
@@ -141,8 +131,11 @@ def delta_of(event: Event) -> Delta:
 def coalesce(events: list[Event]) -> dict[str, Delta]:
     """Merge a batch of events into one delta per sandbox (duplicates collapse by event id).
 
-    The same result as folding :meth:`Delta.merge` over :func:`delta_of` of each
-    event, accumulated in place because this runs for every event ingested.
+    Per sandbox: the earliest created event (by time, then event id), the
+    latest time of any event, the number of activity events and the earliest
+    kill. Any order of the same events gives the same deltas; the tests hold
+    this to a pairwise merge of :func:`delta_of` of each event. Accumulated in
+    place because it runs for every event ingested.
     """
     seen: set[UUID] = set()
     merged: dict[str, list[Any]] = {}  # sandbox -> [created, last_activity, activity_count, killed_at]
@@ -357,12 +350,6 @@ def _earliest_created(a: SandboxCreated | None, b: SandboxCreated | None) -> San
     if a is None or b is None:
         return a or b
     return min(a, b, key=lambda c: _created_key(c.occurred_at, c.event_id))
-
-
-def _max(a: datetime | None, b: datetime | None) -> datetime | None:
-    if a is None or b is None:
-        return a or b
-    return max(a, b)
 
 
 def _min(a: datetime | None, b: datetime | None) -> datetime | None:

@@ -6,6 +6,8 @@ with the command that enables it.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -105,3 +107,13 @@ def template() -> dict[str, Any]:
 def passwords_env(passwords: dict[str, str]) -> dict[str, str]:
     """The environment that gives each user of the template its password."""
     return {user["password_env"]: passwords[user["name"]] for user in template()["users"]}
+
+
+def password_matches(hashed: str, password: str) -> bool:
+    """RabbitMQ's rabbit_password_hashing_sha256, computed here on its own.
+
+    The hash is base64(salt + sha256(salt + password)) with a 4-byte salt.
+    """
+    raw = base64.b64decode(hashed)
+    salt, digest = raw[:4], raw[4:]
+    return len(salt) == 4 and hashlib.sha256(salt + password.encode()).digest() == digest

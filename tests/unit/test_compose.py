@@ -27,7 +27,6 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from consumer.rabbitmq_definitions import password_matches
 from consumer.runner import check_e2b
 from consumer.settings import load_settings
 
@@ -46,6 +45,7 @@ from ..helpers.compose import (
     with_values,
 )
 from ..helpers.config import ROOT
+from ..helpers.management import password_matches
 from ..helpers.processes import autopause, clean_env, run_sync
 
 DOCKERFILE = ROOT / "Dockerfile"

@@ -8,10 +8,10 @@ import pytest
 
 from consumer.broker import Names
 from consumer.errors import ConfigError
-from consumer.rabbitmq_definitions import check_password, password_matches, render
+from consumer.rabbitmq_definitions import check_password, render
 from consumer.settings import load_settings
 
-from ..helpers.management import passwords_env, template
+from ..helpers.management import password_matches, passwords_env, template
 
 ROLES = ("ingest", "scheduler", "worker", "producer", "operator")
 NAMES = Names("")

@@ -9,7 +9,7 @@ from uuid import UUID
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from consumer.state import Event, Session, State, apply, coalesce, delta_of, pause_due
+from consumer.state import Delta, Event, Session, State, apply, coalesce, delta_of, pause_due
 from schemas import SandboxActivity, SandboxCreated, SandboxKilled
 
 T0 = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)
@@ -165,18 +165,45 @@ def test_keep_alive_retry_after_and_arrival_push_the_deadline() -> None:
     assert pause_due(later, T0, TIMEOUT, None, None) == later + TIMEOUT
 
 
+def merge(a: Delta, b: Delta) -> Delta:
+    """The rule coalesce implements, one pair of deltas at a time: the reference it is held to."""
+    createds = [c for c in (a.created, b.created) if c is not None]
+    kills = [k for k in (a.killed_at, b.killed_at) if k is not None]
+    times = [t for t in (a.last_activity, b.last_activity) if t is not None]
+    return Delta(
+        a.sandbox_id,
+        created=min(createds, key=lambda c: (c.occurred_at, str(c.event_id))) if createds else None,
+        last_activity=max(times) if times else None,
+        activity_count=a.activity_count + b.activity_count,
+        killed_at=min(kills) if kills else None,
+    )
+
+
+def folded(events: list[Event]) -> dict[str, Delta]:
+    """coalesce's answer, the slow way: merge the delta of each distinct event, in order."""
+    deltas: dict[str, Delta] = {}
+    seen: set[UUID] = set()
+    for event in events:
+        if event.event_id in seen:
+            continue
+        seen.add(event.event_id)
+        one = delta_of(event)
+        deltas[event.sandbox_id] = merge(deltas[event.sandbox_id], one) if event.sandbox_id in deltas else one
+    return deltas
+
+
 def test_merge_is_commutative() -> None:
     a = delta_of(activity(at=3))
     b = delta_of(created(at=1))
     c = delta_of(killed(at=2))
-    assert a.merge(b) == b.merge(a)
-    assert a.merge(b).merge(c) == a.merge(b.merge(c))
+    assert merge(a, b) == merge(b, a)
+    assert merge(merge(a, b), c) == merge(a, merge(b, c))
 
 
 def test_merge_keeps_the_earliest_created_the_latest_activity_and_the_earliest_kill() -> None:
     first, second = created(at=1, n=1), created(at=4, n=2)
-    merged = delta_of(activity(at=3)).merge(delta_of(second)).merge(delta_of(killed(at=2)))
-    merged = merged.merge(delta_of(first)).merge(delta_of(killed(at=6, n=5001)))
+    merged = merge(merge(delta_of(activity(at=3)), delta_of(second)), delta_of(killed(at=2)))
+    merged = merge(merge(merged, delta_of(first)), delta_of(killed(at=6, n=5001)))
     assert merged.sandbox_id == "sbx-1"
     assert merged.created == first
     assert merged.last_activity == T0 + timedelta(seconds=6)  # a kill's stamp is the latest seen
@@ -250,3 +277,12 @@ def test_any_permutation_with_duplicates_in_any_batches_gives_the_same_rows(
     shuffled = data.draw(st.permutations(events + data.draw(st.lists(st.sampled_from(events)))))
     batches = data.draw(st.lists(st.integers(1, 5), max_size=20))
     assert replay(shuffled, batches, start) == reference
+
+
+@settings(max_examples=300, deadline=None)
+@given(events=event_sets(), data=st.data())
+def test_coalesce_is_the_pairwise_merge_of_each_distinct_event(
+    events: list[Event], data: st.DataObject
+) -> None:
+    shuffled = data.draw(st.permutations(events + data.draw(st.lists(st.sampled_from(events)))))
+    assert coalesce(shuffled) == folded(shuffled) == folded(events)
