@@ -159,6 +159,38 @@ class Publisher:
             await connection.close()
 
 
+def wave(idle: list[str], busy: list[str], hour_ago: datetime, *, first: bool) -> list[dict[str, Any]]:
+    """Created events of sandboxes idle for an hour; the busy ones created (first wave) and in use."""
+    bodies = [created(s, hour_ago, 30) for s in idle]
+    if first:
+        bodies += [created(s, datetime.now(UTC), None) for s in busy]
+    for _ in range(ACTIVITY_PER_BUSY):
+        bodies += [event("activity", s) for s in busy]
+    return bodies
+
+
+async def assert_nothing_lost_and_no_pause_twice(
+    store: Store, emulator: Emulator, confirmed: list[dict[str, Any]], idle: list[str], busy: list[str]
+) -> None:
+    """Every confirmed event is applied; every idle sandbox paused once, no busy one at all."""
+    for sandbox in idle:
+        row = await store.get_session(sandbox)
+        assert row is not None and row.state == "PAUSED", (sandbox, row)
+    latest: dict[str, str] = {}
+    for body in confirmed:
+        if body["type"] == "sandbox.activity":
+            latest[body["sandbox_id"]] = max(latest.get(body["sandbox_id"], ""), body["occurred_at"])
+    for sandbox in busy:
+        row = await store.get_session(sandbox)
+        assert row is not None and row.state == "RUNNING", (sandbox, row)
+        assert row.last_activity == datetime.fromisoformat(latest[sandbox])
+    pauses = Counter(c.sandbox_id for c in emulator.calls("pause") if 200 <= c.status < 300)
+    assert set(pauses) == set(idle)
+    assert max(pauses.values()) == 1, [s for s, n in pauses.items() if n > 1]
+    assert {emulator.state_of(s) for s in idle} == {"paused"}
+    assert {emulator.state_of(s) for s in busy} == {"running"}
+
+
 async def test_the_events_queue_leader_dies_under_load_and_nothing_is_lost(
     tmp_path: Path,
     settings: Settings,
@@ -217,16 +249,8 @@ async def test_the_events_queue_leader_dies_under_load_and_nothing_is_lost(
                 emulator.add_sandbox(sandbox)
             hour_ago = now - timedelta(hours=1)
 
-            def wave(idle_part: list[str], first: bool) -> list[dict[str, Any]]:
-                bodies = [created(s, hour_ago, 30) for s in idle_part]
-                if first:
-                    bodies += [created(s, datetime.now(UTC), None) for s in busy]
-                for _ in range(ACTIVITY_PER_BUSY):
-                    bodies += [event("activity", s) for s in busy]
-                return bodies
-
             publisher = Publisher(survivors[1].url(), names.events_exchange)
-            await publisher.send(wave(idle[:IDLE_PER_WAVE], first=True))
+            await publisher.send(wave(idle[:IDLE_PER_WAVE], busy, hour_ago, first=True))
 
             async def paused_count() -> int:
                 return (await store.count_by_state())[State.PAUSED]
@@ -243,7 +267,9 @@ async def test_the_events_queue_leader_dies_under_load_and_nothing_is_lost(
 
             # under load: the second wave is being published while the leader dies
             sent = len(publisher.confirmed)
-            second = asyncio.create_task(publisher.send(wave(idle[IDLE_PER_WAVE:], first=False), batch=50))
+            second = asyncio.create_task(
+                publisher.send(wave(idle[IDLE_PER_WAVE:], busy, hour_ago, first=False), batch=50)
+            )
             await wait_for(lambda: len(publisher.confirmed) > sent, timeout=60, what="the second wave")
             assert not second.done(), "the second wave was over before the kill"
             killed_at = time.monotonic()
@@ -259,24 +285,7 @@ async def test_the_events_queue_leader_dies_under_load_and_nothing_is_lost(
             new_members = await quorum_members(survivors[0], names.events_queue)
             assert leader.node not in [n for n, state in new_members.items() if state == "leader"]
 
-            # nothing lost: every confirmed event is applied
-            for sandbox in idle:
-                row = await store.get_session(sandbox)
-                assert row is not None and row.state == "PAUSED", (sandbox, row)
-            latest: dict[str, str] = {}
-            for body in publisher.confirmed:
-                if body["type"] == "sandbox.activity":
-                    latest[body["sandbox_id"]] = max(latest.get(body["sandbox_id"], ""), body["occurred_at"])
-            for sandbox in busy:
-                row = await store.get_session(sandbox)
-                assert row is not None and row.state == "RUNNING", (sandbox, row)
-                assert row.last_activity == datetime.fromisoformat(latest[sandbox])
-            # no pause made twice, none of a busy sandbox
-            pauses = Counter(c.sandbox_id for c in emulator.calls("pause") if 200 <= c.status < 300)
-            assert set(pauses) == set(idle)
-            assert max(pauses.values()) == 1, [s for s, n in pauses.items() if n > 1]
-            assert {emulator.state_of(s) for s in idle} == {"paused"}
-            assert {emulator.state_of(s) for s in busy} == {"running"}
+            await assert_nothing_lost_and_no_pause_twice(store, emulator, publisher.confirmed, idle, busy)
 
             all_calls = len(emulator.calls("pause"))
             elapsed = time.monotonic() - started
