@@ -48,17 +48,3 @@ async def test_a_full_events_queue_nacks_producers_and_shows_in_status_and_metri
     assert metric("autopause_queue_limit", queue=names.events_queue) == 5
     assert metric("autopause_queue_limit", queue=names.events_dlq) == 7
     assert metric("autopause_queue_messages", queue=names.events_queue) == 6
-
-
-def test_compose_reports_the_caps_the_broker_policies_set() -> None:
-    from pathlib import Path
-
-    import yaml
-
-    root = Path(__file__).parent.parent
-    compose = yaml.safe_load((root / "docker-compose.yml").read_text())
-    definitions = orjson.loads((root / "deploy/rabbitmq/definitions.json").read_bytes())
-    caps = {p["name"]: p["definition"]["max-length"] for p in definitions["policies"]}
-    env = compose["x-role-env"]
-    assert int(env["AUTOPAUSE_EVENTS_QUEUE_MAX_LENGTH"]) == caps["autopause-events-limit"]
-    assert int(env["AUTOPAUSE_DEAD_LETTER_MAX_LENGTH"]) == caps["autopause-dead-letters-limit"]

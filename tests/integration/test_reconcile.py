@@ -215,7 +215,8 @@ async def test_a_stale_cpu_sample_never_blocks_a_pause(
 async def test_the_rate_limit_holds_with_reconcile_and_pauses_together(
     pause_settings: Settings, store: Store, emulator: Emulator
 ) -> None:
-    rate = 20.0
+    # demand beyond the rate: 40 pauses and three list pages a second at 10 calls a second
+    rate = 10.0
     settings = pause_settings.model_copy(
         update={"e2b_rate_limit": rate, "reconcile_cron": "* * * * * *", "worker_concurrency": 32}
     )
@@ -235,9 +236,12 @@ async def test_the_rate_limit_holds_with_reconcile_and_pauses_together(
     assert any(min(pauses) < c.at < max(pauses) for c in emulator.calls("list")), (
         "no listing during the pauses"
     )
-    capacity = max(1.0, rate / 10)
-    assert emulator.peak_rate(None, window=1.0) <= rate + capacity + 1
-    assert emulator.peak_rate(None, window=3.0) <= 3 * rate + capacity + 1
+    # A token is granted at the rate; its request reaches E2B a little later, later still on a
+    # loaded machine: a quarter of a second of that delay is allowed for. Over four seconds,
+    # listings that bypassed the limiter would add some 12 calls to the 40 the rate allows.
+    capacity, jitter = max(1.0, rate / 10), 0.25
+    for window in (1.0, 4.0):
+        assert emulator.peak_rate(None, window=window) <= rate * (window + jitter) + capacity + 1, window
 
 
 async def test_savings_count_each_sandbox_by_its_size(settings: Settings, store: Store) -> None:

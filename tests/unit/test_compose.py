@@ -597,3 +597,11 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
         instruction, _, arguments = entry.partition(" ")
         pairs.append((instruction.upper(), arguments.strip()))
     return pairs
+
+
+def test_compose_reports_the_caps_the_broker_policies_set() -> None:
+    definitions = json.loads(DEFINITIONS_FILE.read_text())
+    caps = {p["name"]: p["definition"]["max-length"] for p in definitions["policies"]}
+    env = compose_file()["x-role-env"]
+    assert int(env["AUTOPAUSE_EVENTS_QUEUE_MAX_LENGTH"]) == caps["autopause-events-limit"]
+    assert int(env["AUTOPAUSE_DEAD_LETTER_MAX_LENGTH"]) == caps["autopause-dead-letters-limit"]
