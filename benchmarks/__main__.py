@@ -41,9 +41,8 @@ class Sizes:
     tick_sessions: int = 1_000_000
     tick_idle: int = 10_000
     lateness_sandboxes: int = 200
-    lateness_timeout: float = 120.0
-    lateness_spread: float = 110.0
-    lateness_cron: str = "* * * * *"
+    lateness_timeout: float = 30.0
+    lateness_spread: float = 60.0
     lateness_fleet: int = 10_000
     memory_seconds: float = 180.0
     memory_rate: float = 2_000.0
@@ -58,9 +57,8 @@ QUICK = Sizes(
     tick_sessions=20_000,
     tick_idle=500,
     lateness_sandboxes=20,
-    lateness_timeout=4.0,
-    lateness_spread=3.0,
-    lateness_cron="*/2 * * * * *",
+    lateness_timeout=3.0,
+    lateness_spread=10.0,
     lateness_fleet=1_000,
     memory_seconds=9.0,
     memory_rate=500.0,
@@ -85,7 +83,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     for spec in dataclasses.fields(Sizes):
         flag = "--" + spec.name.replace("_", "-")
-        kind = str if spec.name in ("concurrency", "lateness_cron") else type(spec.default)
+        kind = str if spec.name == "concurrency" else type(spec.default)
         parser.add_argument(flag, type=kind, default=None, help=f"default {spec.default}")
     return parser.parse_args(argv)
 
