@@ -28,7 +28,7 @@ from benchmarks.common import Context, Figure, Timer, wait_for
 from benchmarks.processes import Procs
 from consumer.settings import load_settings
 
-BENCHMARKS = ("ingest", "fanout", "tick", "lateness", "memory", "reconcile")
+BENCHMARKS = ("ingest", "fanout", "tick", "lateness", "memory", "reconcile", "alternatives")
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,9 @@ class Sizes:
     memory_seconds: float = 180.0
     memory_rate: float = 2_000.0
     reconcile_fleet: int = 10_000
+    alternatives_sandboxes: int = 300
+    alternatives_minutes: float = 60.0
+    alternatives_compression: float = 20.0
 
 
 QUICK = Sizes(
@@ -63,6 +66,9 @@ QUICK = Sizes(
     memory_seconds=9.0,
     memory_rate=500.0,
     reconcile_fleet=1_000,
+    alternatives_sandboxes=100,
+    alternatives_minutes=15.0,
+    alternatives_compression=30.0,
 )
 
 
@@ -160,6 +166,8 @@ async def main(args: argparse.Namespace) -> int:
         await procs.stop_all()
     print(f"\nResults ({started:%Y-%m-%d}, {total.elapsed:.0f} s, load average at end {report.load()}):\n")
     print(report.table(figures))
+    for title, text in ctx.tables:
+        print(f"\n{title}\n\n{text}")
     for name, error in errors.items():
         print(f"\n{name} FAILED: {error}")
     options = {"benchmarks": chosen, "quick": args.quick, "sizes": dataclasses.asdict(sizes)}
