@@ -6,23 +6,25 @@ pausing through the e2b SDK against the emulator. Events arrive at
 ``memory_rate`` per second (in slices of 100 ms) for ``memory_seconds``, so
 that every role works all along:
 
-* a window of ``memory_rate`` sandboxes (about one event per sandbox per
-  second) slides over a pool three times its size; a sandbox stays in it for
+* a window of sandboxes (``PER_SANDBOX`` events per sandbox per second)
+  slides over a pool three times its size; a sandbox stays in it for
   ``ACTIVE_S`` seconds, then is left idle for twice as long;
 * an idle sandbox falls due after the idle timeout (``IDLE_S``, shorter in
   short runs): the scheduler claims it and the worker pauses it, about
-  ``memory_rate / ACTIVE_S`` pauses per second;
-* when the window comes round again, the app resumes the sandbox (in the
-  emulator, as its ``connect()`` would) and its events bring the row back to
-  RUNNING; a worker checks with E2B that it runs.
+  ``memory_rate / PER_SANDBOX / ACTIVE_S`` pauses per second;
+* when the window comes round again (every ``3 * ACTIVE_S`` seconds, well
+  within the first minute), the app resumes the sandbox (in the emulator, as
+  its ``connect()`` would) and its events bring the row back to RUNNING; a
+  worker checks with E2B that it runs.
 
 Events are published without confirms: on two cores, shared with the roles
 and RabbitMQ, a confirming aio-pika publisher tops out below 2,000/s (about
 290 us of CPU per message against 180 without); the run checks that the last
 event was committed. VmRSS of each process is read from /proc every second.
-The figures per role are the RSS at the end of the first minute and at the
-end of the run, and the growth between them: a leak shows as growth that
-keeps rising with the run's length.
+The figures per role are the RSS at the end of the first minute, when every
+path (create, pause, resume) has run, and at the end of the run, and the
+growth between them: a leak shows as growth that keeps rising with the run's
+length.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ from benchmarks.processes import CpuMeter, cores_note
 
 BENCH = "memory"
 SLICE = 0.1
-ACTIVE_S = 40.0
+ACTIVE_S = 15.0
+PER_SANDBOX = 2.0
 IDLE_S = 10.0
 
 
@@ -60,7 +63,7 @@ class RollingLoad:
     def __init__(self, deployment: Deployment, rate: float) -> None:
         self.deployment = deployment
         self.rate = rate
-        self.window = max(1, int(rate))
+        self.window = max(1, int(rate / PER_SANDBOX))
         self.pool = 3 * self.window
         self.speed = self.window / ACTIVE_S  # sandboxes leaving (and entering) the window per second
         self.rng = random.Random(7)
