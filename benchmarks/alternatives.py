@@ -90,11 +90,11 @@ TIMED = (
 )
 
 
-def compressed(cron: str, compression: float) -> dict[str, Any]:
+def compressed(cron: str, compression: float, idle_timeout: float) -> dict[str, Any]:
     """Settings of one deployment: its tick, and every pause-timing setting compressed."""
     return {
         "tick_cron": cron,
-        "default_idle_timeout": default("default_idle_timeout") / compression,
+        "default_idle_timeout": idle_timeout / compression,
         "reconcile_cron": compressed_cron(60.0, compression)[0],
         "ingest_beat_interval": default("ingest_beat_interval") / compression,
         "flush_interval": default("flush_interval") / compression,
@@ -113,6 +113,7 @@ class Row:
     pauses: int
     in_use: int
     note: str = ""
+    in_use_how: str = "by rule"
 
 
 def judge(trace: Trace, running: dict[str, list[policies.Interval]]) -> tuple[float, int, int]:
@@ -200,7 +201,9 @@ async def measured(
         f"calls: {by_op}; {ticks.get('most', 0)} claims in the busiest tick"
         " (the storm breaker allows a tenth of the running fleet)"
     )
-    return Row(policy, run, len(calls) / (trace.seconds / 3600), billed, paused, in_use, note), detail
+    how = f"paused_in_use transitions; {by_rule} by the rule"
+    row = Row(policy, run, len(calls) / (trace.seconds / 3600), billed, paused, in_use, note, how)
+    return row, detail
 
 
 async def settle(trace: Trace, replayed: Replayed, deployment: Deployment) -> None:
@@ -220,7 +223,11 @@ async def settle(trace: Trace, replayed: Replayed, deployment: Deployment) -> No
 async def run(ctx: Context) -> list[Figure]:
     sizes = ctx.sizes
     compression = sizes.alternatives_compression
-    trace = generate(sizes.alternatives_sandboxes, sizes.alternatives_minutes * 60)
+    trace = generate(
+        sizes.alternatives_sandboxes,
+        sizes.alternatives_minutes * 60,
+        idle_timeout=default("default_idle_timeout"),
+    )
     crons = [compressed_cron(interval, compression) for _, interval in TICKS]
     ctx.say(
         f"   {len(trace.uses)} sandboxes, {trace.activities:,} activity events"
@@ -233,7 +240,9 @@ async def run(ctx: Context) -> list[Figure]:
         async with asyncio.TaskGroup() as group:
             starting = [
                 group.create_task(
-                    stack.enter_async_context(deployed(ctx, f"alt{i}", **compressed(cron, compression)))
+                    stack.enter_async_context(
+                        deployed(ctx, f"alt{i}", **compressed(cron, compression, trace.idle_timeout))
+                    )
                 )
                 for i, (cron, _) in enumerate(crons)
             ]
@@ -300,6 +309,12 @@ def figures(rows: list[Row], trace: Trace, compression: float) -> list[Figure]:
                 "sandbox-s",
                 note=f"{span}, {row.pauses:,} pauses; {row.run}",
             ),
-            Figure(BENCH, f"pauses in use: {row.policy}", row.in_use, "pauses", note=f"of {row.pauses:,}"),
+            Figure(
+                BENCH,
+                f"pauses in use: {row.policy}",
+                row.in_use,
+                "pauses",
+                note=f"of {row.pauses:,}; {row.in_use_how}",
+            ),
         ]
     return out
