@@ -28,7 +28,7 @@ from benchmarks.common import Context, Figure, Timer, wait_for
 from benchmarks.processes import Procs
 from consumer.settings import load_settings
 
-BENCHMARKS = ("ingest", "fanout", "tick", "lateness", "memory", "reconcile")
+BENCHMARKS = ("ingest", "fanout", "tick", "lateness", "memory", "reconcile", "alternatives")
 
 
 @dataclass(frozen=True)
@@ -41,13 +41,15 @@ class Sizes:
     tick_sessions: int = 1_000_000
     tick_idle: int = 10_000
     lateness_sandboxes: int = 200
-    lateness_timeout: float = 120.0
-    lateness_spread: float = 110.0
-    lateness_cron: str = "* * * * *"
+    lateness_timeout: float = 30.0
+    lateness_spread: float = 60.0
     lateness_fleet: int = 10_000
     memory_seconds: float = 180.0
     memory_rate: float = 2_000.0
     reconcile_fleet: int = 10_000
+    alternatives_sandboxes: int = 300
+    alternatives_minutes: float = 60.0
+    alternatives_compression: float = 20.0
 
 
 QUICK = Sizes(
@@ -58,13 +60,15 @@ QUICK = Sizes(
     tick_sessions=20_000,
     tick_idle=500,
     lateness_sandboxes=20,
-    lateness_timeout=4.0,
-    lateness_spread=3.0,
-    lateness_cron="*/2 * * * * *",
+    lateness_timeout=3.0,
+    lateness_spread=10.0,
     lateness_fleet=1_000,
     memory_seconds=9.0,
     memory_rate=500.0,
     reconcile_fleet=1_000,
+    alternatives_sandboxes=100,
+    alternatives_minutes=15.0,
+    alternatives_compression=30.0,
 )
 
 
@@ -85,7 +89,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     for spec in dataclasses.fields(Sizes):
         flag = "--" + spec.name.replace("_", "-")
-        kind = str if spec.name in ("concurrency", "lateness_cron") else type(spec.default)
+        kind = str if spec.name == "concurrency" else type(spec.default)
         parser.add_argument(flag, type=kind, default=None, help=f"default {spec.default}")
     return parser.parse_args(argv)
 
@@ -162,6 +166,8 @@ async def main(args: argparse.Namespace) -> int:
         await procs.stop_all()
     print(f"\nResults ({started:%Y-%m-%d}, {total.elapsed:.0f} s, load average at end {report.load()}):\n")
     print(report.table(figures))
+    for title, text in ctx.tables:
+        print(f"\n{title}\n\n{text}")
     for name, error in errors.items():
         print(f"\n{name} FAILED: {error}")
     options = {"benchmarks": chosen, "quick": args.quick, "sizes": dataclasses.asdict(sizes)}

@@ -63,6 +63,7 @@ class Context:
     procs: Procs
     profile: bool = True
     details: dict[str, Any] = field(default_factory=dict)
+    tables: list[tuple[str, str]] = field(default_factory=list)  # (title, Markdown) printed after the results
 
     def say(self, text: str = "") -> None:
         print(text, flush=True)

@@ -3,7 +3,9 @@
 Seeded rows model a deployment that has run for a while: a fifth of the fleet
 RUNNING (with a one-hour idle timeout, so none falls due during a run), half
 PAUSED within the last three weeks, the rest KILLED; plus ``idle`` RUNNING
-rows whose deadline has passed. Event times lie after every seeded activity,
+rows whose deadline has passed. Each row's last event arrived when it
+happened (``last_arrived_at = last_activity``), so its deadline is the one the
+state machine would have computed. Event times lie after every seeded activity,
 so each event changes the row it touches.
 """
 
@@ -30,9 +32,9 @@ SEED_PREFIX = "seed-"
 _SEED = """
 INSERT INTO sandbox_sessions (
     sandbox_id, project_id, user_id, template, idle_timeout_s, created_event_at,
-    state, last_activity, pause_due_at, generation, paused_at, killed_at)
+    state, last_activity, last_arrived_at, pause_due_at, generation, paused_at, killed_at)
 SELECT id, 'proj-' || (i % 50000), 'user-' || (i % 20000), 'base', timeout, last - interval '1 hour',
-       state, last, last + make_interval(secs => coalesce(timeout, 600)),
+       state, last, last, last + make_interval(secs => coalesce(timeout, 600)),
        CASE WHEN state = 'PAUSED' THEN 1 ELSE 0 END,
        CASE WHEN state = 'PAUSED' THEN last + interval '600 seconds' END,
        CASE WHEN state = 'KILLED' THEN last END
@@ -85,11 +87,11 @@ async def seed_sessions(
 
 
 async def seed_idle(conn: asyncpg.Connection, prefix: str, count: int) -> None:
-    """``count`` RUNNING rows whose pause deadline has passed, ids ``prefix-000001``..."""
+    """``count`` RUNNING rows idle for two hours (the default 600 s timeout), ids ``prefix-000001``..."""
     await conn.execute(
-        """INSERT INTO sandbox_sessions (sandbox_id, state, last_activity, pause_due_at)
+        """INSERT INTO sandbox_sessions (sandbox_id, state, last_activity, last_arrived_at, pause_due_at)
            SELECT $1 || lpad(i::text, 6, '0'), 'RUNNING', now() - interval '2 hours',
-                  now() - interval '1 hour'
+                  now() - interval '2 hours', now() - interval '110 minutes'
            FROM generate_series(1, $2::int) AS i""",
         f"{prefix}-",
         count,

@@ -111,6 +111,11 @@ def table(figures: list[Figure]) -> str:
     for f in figures:
         met = "" if f.ok is None else ("yes" if f.ok else "NO")
         rows.append([f.bench, f.name, _value(f), f.unit, f.target, met, f.note])
+    return markdown(rows)
+
+
+def markdown(rows: list[list[str]]) -> str:
+    """Rows (the first is the header) as a Markdown table; the last column is left unpadded."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
 
     def line(row: list[str]) -> str:

@@ -36,6 +36,7 @@ from benchmarks.common import (
 )
 from benchmarks.data import messages, publish_pipelined, seed_sessions
 from benchmarks.ingest import ingest_command
+from benchmarks.pipeline import ingest_vouches
 from benchmarks.processes import child_env
 from consumer import broker
 from consumer.broker import Names
@@ -68,16 +69,6 @@ def indexes_used(plan: str) -> list[str]:
         r"(?:Index|Index Only) Scan (?:Backward )?using (\w+)|Bitmap Index Scan on (\w+)", plan
     )
     return sorted({name for pair in found for name in pair if name})
-
-
-async def caught_up(conn: asyncpg.Connection) -> bool:
-    """An ingest replica beats and has committed a watermark: the gate lets ticks claim."""
-    return bool(
-        await conn.fetchval(
-            "SELECT count(*) FROM ingest_replicas"
-            " WHERE watermark IS NOT NULL AND beat_at > now() - interval '5 seconds'"
-        )
-    )
 
 
 async def publish_rate(channel: AbstractChannel, settings: Settings, count: int) -> float:
@@ -115,7 +106,7 @@ async def run(ctx: Context) -> list[Figure]:
         store = await Store.connect(dsn(settings), settings.database_schema, size=settings.db_pool_size)
         opened = await broker.Broker.connect(settings, "bench-tick")
         try:
-            await wait_for(lambda: caught_up(conn), timeout=60, what="ingest caught up", interval=0.1)
+            await wait_for(lambda: ingest_vouches(conn), timeout=60, what="ingest caught up", interval=0.1)
             scheduler = Scheduler(settings, store, opened, Health())
             scheduler.commands = await opened.publisher(opened.names.commands_exchange, confirm=True)
             publish = await publish_rate(channel, settings, idle)
