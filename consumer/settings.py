@@ -100,7 +100,10 @@ class Settings(BaseSettings):
         " a dead letter the full queue refuses stays in its source queue",
     )
     ingest_beat_interval: Positive = Field(
-        1.0, le=10, description="seconds between an ingest replica's heartbeats (and watermark probes)"
+        0.5,
+        le=10,
+        description="seconds between an ingest replica's heartbeats and watermark probes; a deadline"
+        " waits for the next probe before a tick may claim it",
     )
     producer_skew_warning: Positive = Field(
         60, description="warn when a producer's events arrive this many seconds off their stamps"
