@@ -1,13 +1,14 @@
 """The scheduler role: an aiocron tick that claims idle sessions and publishes pause commands.
 
 A tick runs once across all replicas (a row per scheduled time in
-``scheduler_ticks``) and does not overlap another (a lease row in ``run_leases``,
-taken in the same statement that records the tick). A tick with nothing due
-costs three round trips: begin, probe, finish. It claims only what ingest can
-vouch for (:func:`freshness_gate`): with no ingest consuming, beating and
-committing its watermark, it claims nothing and records why. Claims are committed before their commands are
-published; a command the broker does not confirm releases its claim at once,
-and one lost after its confirm is published again when its lease runs out.
+``scheduler_ticks``) and does not overlap another (a lease row in
+``run_leases``, taken in the same statement that records the tick). A tick
+with nothing due costs three round trips: begin, probe, finish. It claims only
+what ingest can vouch for (:func:`freshness_gate`): with no ingest consuming,
+beating and committing its watermark, it claims nothing and records why.
+Claims are committed before their commands are published; a command the
+broker does not confirm releases its claim at once, and one lost after its
+confirm is published again when its lease runs out.
 """
 
 from __future__ import annotations
@@ -234,6 +235,8 @@ class Scheduler:
         try:
             result = await self._work()
         except StoreUnavailable:
+            with contextlib.suppress(StoreUnavailable):  # else the lease runs out by itself
+                await self.store.release_lease(self.lock_name, self.replica)
             raise
         except Exception as exc:  # recorded in the tick's row, then in the log
             result = TickResult(error=f"{type(exc).__name__}: {exc}")

@@ -31,8 +31,11 @@ class TickStatements(StoreBase):
         """Take the tick lease and record the tick in one round trip."""
         row = await self._one("begin_tick", lease, tick_at, replica, lease_s)
         if row["leased"] and not row["started"]:
-            await self._exec("release_lease", lease, replica)
+            await self.release_lease(lease, replica)
         return TickStart(leased=row["leased"], started=row["started"])
+
+    async def release_lease(self, lease: str, holder: str) -> None:
+        await self._exec("release_lease", lease, holder)
 
     async def finish_tick(
         self,
