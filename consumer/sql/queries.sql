@@ -546,11 +546,20 @@ SELECT sandbox_id FROM adopted;
 -- name: record_sizes
 -- What E2B says of each listed live sandbox's size and end of life, and when it
 -- said so (a recent end of life spares the worker a get_info before its pause).
+-- The rows are locked in sandbox-id order first, as ingest locks its batches:
+-- in the listing's order the two could deadlock.
+WITH locked AS (
+    SELECT sandbox_id FROM sandbox_sessions
+    WHERE sandbox_id = ANY($1::text[]) AND state IN ('RUNNING', 'PAUSING', 'PAUSED')
+    ORDER BY sandbox_id
+    FOR UPDATE
+)
 UPDATE sandbox_sessions AS s
 SET cpu_count = u.cpu_count, memory_mb = u.memory_mb, e2b_end_at = u.end_at, e2b_seen_at = $5
 FROM unnest($1::text[], $2::int[], $3::int[], $4::timestamptz[])
     AS u(sandbox_id, cpu_count, memory_mb, end_at)
-WHERE s.sandbox_id = u.sandbox_id AND s.state IN ('RUNNING', 'PAUSING', 'PAUSED');
+WHERE s.sandbox_id = u.sandbox_id AND s.sandbox_id IN (SELECT sandbox_id FROM locked)
+  AND s.state IN ('RUNNING', 'PAUSING', 'PAUSED');
 
 -- name: db_now
 SELECT now();
