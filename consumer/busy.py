@@ -5,9 +5,12 @@ An agent or a build can work for many minutes with no user keystroke, so no
 the sandbox's latest sample; at or above ``busy_cpu_percent`` it is busy, not
 paused, and its deadline starts again from now.
 
-Samples are read in batches: every pause candidate of a short window goes into
-one ``GET /sandboxes/metrics`` request of up to 100 ids, so at fleet scale a
-thousand pauses cost ten requests. A sandbox with no sample, or only a stale
+Samples are read in batches: every pause candidate of a 0.1 s window goes into
+one ``GET /sandboxes/metrics`` request of up to 100 ids, sent while the one
+before is still answered. A thousand candidates arriving at once cost ten
+requests; candidates that trickle in cost one request per window (at most ten
+a second), which is the price of not holding a pause back for company. A
+sandbox with no sample, or only a stale
 one, is not kept running: without evidence of work the idle timeout decides,
 and a sample E2B cannot give never blocks a pause forever.
 """
