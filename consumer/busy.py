@@ -7,9 +7,11 @@ paused, and its deadline starts again from now.
 
 Samples are read in batches: every pause candidate of a 0.1 s window goes into
 one ``GET /sandboxes/metrics`` request of up to 100 ids, sent while the one
-before is still answered. A thousand candidates arriving at once cost ten
-requests; candidates that trickle in cost one request per window (at most ten
-a second), which is the price of not holding a pause back for company. A
+before is still answered. While the worker is saturated (a batch of checked
+commands already waits for a pause slot) the window stays open until the
+request is full, since waiting then delays no pause: at fleet scale a thousand
+pauses cost ten requests. Below that, candidates that trickle in cost one
+request per window, the price of not holding a pause back for company. A
 sandbox with no sample, or only a stale
 one, is not kept running: without evidence of work the idle timeout decides,
 and a sample E2B cannot give never blocks a pause forever.
@@ -18,8 +20,8 @@ and a sample E2B cannot give never blocks a pause forever.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+from collections.abc import Callable
 from datetime import datetime
 
 from consumer import metrics
@@ -48,10 +50,17 @@ def is_busy(sample: CpuSample | None, now: datetime, threshold_pct: float, max_a
 class CpuProbe:
     """The latest CPU sample of pause candidates, one E2B request per batch of up to 100."""
 
-    def __init__(self, client: E2BClient, bucket: TokenBucket, window: float = WINDOW) -> None:
+    def __init__(
+        self,
+        client: E2BClient,
+        bucket: TokenBucket,
+        window: float = WINDOW,
+        saturated: Callable[[], bool] = lambda: False,
+    ) -> None:
         self._client = client
         self._bucket = bucket
         self._window = window
+        self._saturated = saturated
         self._waiting: dict[str, list[asyncio.Future[CpuSample | None]]] = {}
         self._full = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
@@ -71,9 +80,7 @@ class CpuProbe:
         """Cut a batch per window (sooner when it is full) until nobody waits, and send each
         without waiting for the one before: up to MAX_REQUESTS in flight."""
         while self._waiting:
-            with contextlib.suppress(TimeoutError):
-                # the batching window: candidates arriving meanwhile join this request
-                await asyncio.wait_for(self._full.wait(), self._window)
+            await self._gather()
             self._full.clear()
             if len(self._requests) >= MAX_REQUESTS:
                 await asyncio.wait(self._requests, return_when=asyncio.FIRST_COMPLETED)
@@ -83,6 +90,18 @@ class CpuProbe:
             request.add_done_callback(self._requests.discard)
             if len(self._waiting) >= METRICS_BATCH:
                 self._full.set()
+
+    async def _gather(self) -> None:
+        """The batching window: candidates arriving meanwhile join this request. While the
+        caller is saturated (candidates that passed the check wait for it anyway) a longer
+        wait costs no pause anything, so the window stays open until the batch is full."""
+        while True:
+            try:
+                await asyncio.wait_for(self._full.wait(), self._window)
+                return
+            except TimeoutError:
+                if not self._saturated():
+                    return
 
     async def _answer(self, batch: dict[str, list[asyncio.Future[CpuSample | None]]]) -> None:
         """One request for a batch. Failure policy: an error answers None to the batch's waiters

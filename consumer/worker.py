@@ -85,9 +85,10 @@ class Worker:
         self.health = health
         self.client = client
         self.bucket = bucket
-        self.cpu = CpuProbe(client, bucket)
+        self.cpu = CpuProbe(client, bucket, saturated=self._saturated)
         self.repairer = Repairer(settings, store, client, bucket)
         self.slots = asyncio.Semaphore(settings.worker_concurrency)
+        self.waiting_for_slot = 0  # commands past the CPU check, waiting for a pause slot
         self.backing = Batcher(store.commands_backed, max_size=DB_BATCH, window=DB_WINDOW, name="backing")
         self.begins: Batcher[tuple[Claim, uuid.UUID, int], Attempt] = Batcher(
             self._begin_batch, max_size=DB_BATCH, window=DB_WINDOW, name="begin-attempts"
@@ -212,8 +213,19 @@ class Worker:
             self._dropped(claim, "not_backed")
             return True
         busy = await self._busy(claim.sandbox_id)
-        async with self.slots:
+        self.waiting_for_slot += 1
+        try:
+            await self.slots.acquire()
+        finally:
+            self.waiting_for_slot -= 1
+        try:
             return await self._pause(claim, backing, busy)
+        finally:
+            self.slots.release()
+
+    def _saturated(self) -> bool:
+        """A batch of checked commands already waits for a slot: a longer CPU check delays none."""
+        return self.waiting_for_slot >= METRICS_BATCH
 
     async def _pause(self, claim: Claim, backing: Backing, busy: bool) -> bool:
         settings = self.settings
