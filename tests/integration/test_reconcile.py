@@ -7,6 +7,10 @@ pauses and resumes, CPU load.
 
 from __future__ import annotations
 
+import asyncio
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
 import aio_pika
 import pytest
 
@@ -16,7 +20,7 @@ from consumer.store import Prices, Store
 from e2b_emulator import Emulator
 
 from ..helpers.amqp import publish
-from ..helpers.database import reasons, row, state_of, states, transitions
+from ..helpers.database import database, reasons, row, state_of, states, transitions
 from ..helpers.events import event
 from ..helpers.metrics import metric
 from ..helpers.pipeline import ingest, seed, service, tick_with_ingest, work
@@ -271,3 +275,45 @@ async def test_savings_count_each_sandbox_by_its_size(settings: Settings, store:
     big = 100 * (8 * 0.000014 + 8 * 0.0000045)
     default = 100 * (2 * 0.000014 + 0.5 * 0.0000045)
     assert usd == pytest.approx(big + default)
+
+
+@dataclass(frozen=True)
+class Listed:
+    """A sandbox as E2B's listing gives it, for ``record_sizes``."""
+
+    sandbox_id: str
+    cpu_count: int | None = 4
+    memory_mb: int | None = 2048
+    end_at: datetime | None = None
+    metadata: tuple[tuple[str, str], ...] = ()
+
+
+async def test_recording_sizes_cannot_deadlock_with_an_ingest_batch(
+    settings: Settings, store: Store, channel: aio_pika.abc.AbstractChannel
+) -> None:
+    await publish(channel, settings, [event("created", "sbx-a"), event("created", "sbx-b")])
+    await ingest(settings)
+    async with database(settings) as batch:  # an ingest batch locks its rows in sandbox-id order
+        async with batch.transaction():
+            await batch.execute("SELECT 1 FROM sandbox_sessions WHERE sandbox_id = 'sbx-a' FOR UPDATE")
+            # reconcile writes the listing, in the listing's order: sbx-b first
+            sizes = asyncio.create_task(
+                store.record_sizes([Listed("sbx-b"), Listed("sbx-a")], datetime.now(UTC))
+            )
+            me = batch.get_server_pid()
+
+            async def waits_for_the_batch() -> bool:
+                async with database(settings) as conn:
+                    return bool(
+                        await conn.fetchval(
+                            "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))", me
+                        )
+                    )
+
+            await wait_for(waits_for_the_batch, what="reconcile waiting for the batch's row")
+            # the batch goes on to its next row; holding sbx-b there, reconcile would deadlock with it
+            await batch.execute("SELECT 1 FROM sandbox_sessions WHERE sandbox_id = 'sbx-b' FOR UPDATE")
+        await sizes
+    for sandbox_id in ("sbx-a", "sbx-b"):
+        recorded = await row(store, sandbox_id)
+        assert (recorded["cpu_count"], recorded["memory_mb"]) == (4, 2048), sandbox_id
