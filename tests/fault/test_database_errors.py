@@ -8,12 +8,15 @@ follows the database. Each recovers by itself when the database is back.
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime, timedelta
 
 import aio_pika
 import aiohttp
 import pytest
 
-from consumer.broker import Names
+from consumer.broker import Broker, Names
+from consumer.health import Health
+from consumer.scheduler import Scheduler
 from consumer.settings import Settings
 from consumer.store import Store
 from e2b_emulator import Emulator
@@ -228,3 +231,31 @@ async def test_metrics_move_and_readiness_follows_the_database(
             await proxy.restore()
             await wait_until_equal(lambda: status_of("/readyz"), 200, what="ready again")
         assert running.result() == 0
+
+
+async def test_a_tick_that_meets_a_database_error_gives_its_lease_back(
+    settings: Settings,
+    store: Store,
+    channel: aio_pika.abc.AbstractChannel,  # the topology declared
+) -> None:
+    async with store.pool.acquire() as conn:  # retention will write this row: the write fails
+        await conn.execute(
+            "INSERT INTO sandbox_sessions (sandbox_id, state, last_activity, pause_due_at, paused_at)"
+            " VALUES ('old-1', 'PAUSED', now() - interval '400 days', now() - interval '400 days',"
+            " now() - interval '400 days')"
+        )
+    opened = await Broker.connect(settings, "scheduler")
+    try:
+        scheduler = Scheduler(settings, store, opened, Health())
+        scheduler.commands = await opened.publisher(opened.names.commands_exchange, confirm=True)
+        first = datetime.now(UTC)
+        async with failing_writes(store, "53100"):  # disk full
+            failed = await scheduler.tick(first)
+        assert failed.error is not None and "DiskFull" in failed.error
+        # another replica's tick at the next scheduled time runs: the lease did not outlive the failure
+        standby = Scheduler(settings, store, opened, Health())
+        standby.replica, standby.commands = "standby:1", scheduler.commands
+        after = await standby.tick(first + timedelta(seconds=5))
+        assert (after.skipped, after.error) == (None, None)
+    finally:
+        await opened.close()
